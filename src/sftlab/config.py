@@ -1,0 +1,191 @@
+"""The one declaration of every configuration key.
+
+Each key is declared once below (type, default, one-line help). The YAML reader, the
+``key=value`` overrides, the error messages and ``docs/config.md`` all come from it.
+Key names follow LLaMA-Factory's where the meaning is the same, so existing YAML runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from sftlab.errors import SftlabError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(SftlabError):
+    pass
+
+
+class SFTConfig(BaseModel):
+    """A training run, as written in YAML. Every field is a key the user may set."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model
+    model_name_or_path: str = Field(
+        description="Local model directory, a .gguf file, or a Hub id (offline: resolved from installed asset packages)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model's repository to run.")
+
+    # --- method
+    stage: Literal["sft", "pt"] = Field("sft", description="sft: chat/instruction tuning; pt: continued pre-training on plain text.")
+    do_train: bool = Field(True, description="Run training (false: only prepare data and model).")
+    finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="lora: low-rank adapters; full: all weights; freeze: only the last layers.")
+    freeze_trainable_layers: int = Field(2, description="freeze: number of last decoder layers to train (negative: first layers).")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r: more capacity and memory as it grows.")
+    lora_alpha: float | None = Field(None, description="LoRA scaling alpha (default: 2 × lora_rank).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target: str | list[str] = Field("all", description="Modules that get LoRA: 'all' = every linear layer except the output head, or names (comma-separated or a list).")
+
+    # --- data
+    dataset: str | list[str] | None = Field(None, description="Dataset names from dataset_info.json or file paths, comma-separated; several are concatenated.")
+    dataset_dir: str = Field("data", description="Directory holding dataset_info.json and the data files.")
+    template: str | None = Field(None, description="Chat template: empty = the tokenizer's own; or a built-in name (chatml, qwen, llama3, default).")
+    cutoff_len: int = Field(2048, ge=8, description="Longest sample in tokens; longer ones lose whole later turns, else are dropped (counted).")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many samples of each dataset (the first ones).")
+    val_size: float = Field(0.0, ge=0.0, description="Validation split: a fraction (< 1) or a number of samples (>= 1), drawn with seed.")
+    preprocessing_num_workers: int | None = Field(None, ge=1, description="Processes for tokenization (default: 1).")
+    train_on_prompt: bool = Field(False, description="Train on every token, prompts included.")
+    mask_history: bool = Field(False, description="Train only the last assistant turn of each conversation.")
+
+    # --- optimisation
+    per_device_train_batch_size: int = Field(1, ge=1, description="Samples per micro-batch on each device.")
+    per_device_eval_batch_size: int = Field(1, ge=1, description="Samples per evaluation batch on each device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; effective batch = per-device × this × devices.")
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use num_train_epochs).")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (LoRA ~1e-4, full ~1e-5).")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of steps spent warming up linearly.")
+    warmup_steps: int = Field(0, ge=0, description="Warmup steps (overrides warmup_ratio when > 0).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm to this (0: no clipping).")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU with bf16, or a CPU with AVX-512 bf16).")
+    fp16: bool = Field(False, description="float16 mixed precision (CUDA GPUs only).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
+
+    # --- logging and saving
+    logging_steps: int = Field(10, ge=1, description="Log train loss, lr, grad norm and speed every N steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate on the validation split every N steps (default: only at the end).")
+    save_steps: int = Field(500, ge=1, description="Write a checkpoint every N steps (and always at the end).")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints (oldest removed first).")
+    output_dir: str = Field("saves/run", description="Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
+    overwrite_output_dir: bool = Field(False, description="Allow starting over in an output_dir that already holds a run.")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="Also log to TensorBoard (output_dir/runs) or Weights & Biases.")
+    resume_from_checkpoint: str | bool | None = Field(None, description="Continue from a checkpoint directory, or true for the latest in output_dir.")
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _split_names(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("lora_target", mode="before")
+    @classmethod
+    def _split_targets(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip() != "all":
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_none(cls, v: Any) -> Any:
+        return "none" if v in (None, False, "", [], ["none"]) else (v[0] if isinstance(v, list) and len(v) == 1 else v)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTConfig":
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true: choose one")
+        if self.do_train and not self.dataset:
+            raise ValueError("dataset is empty: name a dataset from dataset_info.json or a data file")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ValueError(f"val_size {self.val_size}: use a fraction below 1 or a whole number of samples")
+        return self
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, SFTConfig.model_fields, n=1, cutoff=0.6)
+    return f" — did you mean '{close[0]}'?" if close else " — see docs/config.md for the keys"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` → (key, value), the value read as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (e.g. learning_rate=1e-4)")
+    key, _, raw = text.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), **values: Any) -> SFTConfig:
+    """Read a YAML file, apply ``key=value`` overrides, validate.
+
+    Raises ConfigError (one line, naming the file and key) for a missing or malformed file,
+    an unknown key (with a "did you mean" hint) or a value of the wrong type.
+    """
+    source = str(path) if path else "overrides"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; check the path")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix that line") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
+        data.update(loaded or {})
+    origin = {key: source for key in data}
+    for item in overrides:
+        key, value = parse_override(item)
+        data[key], origin[key] = value, f"override {item}"
+    data.update(values)
+    for key in data:
+        if key not in SFTConfig.model_fields:
+            raise ConfigError(f"{origin.get(key, source)}: unknown key '{key}'{_suggest(key)}")
+    try:
+        return SFTConfig(**data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if loc:
+            key = str(err["loc"][0])
+            raise ConfigError(f"{origin.get(key, source)}: {loc}: {msg} (got {data.get(key)!r})") from None
+        raise ConfigError(f"{source}: {msg}") from None
+
+
+def dump_config(cfg: SFTConfig) -> str:
+    """The resolved config as YAML (every key, defaults included), loadable by load_config."""
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True)
+
+
+def config_reference() -> str:
+    """docs/config.md, generated from the declaration above."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/sftlab/config.py` by `sftlab config-docs`; do not edit by hand.",
+        "Names follow LLaMA-Factory where the meaning is the same.",
+        "",
+        "| key | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, field in SFTConfig.model_fields.items():
+        ann = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        default = "required" if field.is_required() else repr(field.default)
+        lines.append(f"| `{name}` | `{ann}` | `{default}` | {field.description} |")
+    return "\n".join(lines) + "\n"

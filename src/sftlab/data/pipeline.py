@@ -1,0 +1,170 @@
+"""Build the tokenized train / validation datasets for a config: load → rows to messages → encode → split.
+
+Every step after loading is a ``datasets.map`` over Arrow data; per-sample outcomes (kept, turns
+dropped, too long, not prefix-stable, nothing to train) are counted and the first few named.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from sftlab.config import SFTConfig
+from sftlab.data.formats import FormatSpec, RowError, to_messages, to_text
+from sftlab.data.render import TRAINED_STATUSES, encode_conversation, encode_text, end_of_turn_token
+from sftlab.data.sources import Source, format_of, load_source, resolve_sources
+from sftlab.errors import SftlabError
+
+log = logging.getLogger(__name__)
+
+ERROR = "error"
+_NAMED = 3  # how many problem samples a report names
+
+
+@dataclass
+class DataReport:
+    """What happened to every sample: counts per status and the first few samples of each problem."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, status: str, ref: str, detail: str) -> None:
+        self.counts[status] += 1
+        if status != "kept" and len(self.examples.setdefault(status, [])) < _NAMED:
+            self.examples[status].append(f"{ref} ({detail})" if detail else ref)
+
+    def lines(self) -> list[str]:
+        total = sum(self.counts.values())
+        trained = sum(self.counts[s] for s in TRAINED_STATUSES)
+        out = [f"{trained} of {total} samples will be trained"]
+        for status, n in sorted(self.counts.items()):
+            if status == "kept":
+                continue
+            out.append(f"  {status}: {n} — e.g. " + "; ".join(self.examples.get(status, [])))
+        return out
+
+
+@dataclass
+class Data:
+    train: datasets.Dataset  # columns: input_ids, labels
+    eval: datasets.Dataset | None
+    report: DataReport
+
+
+def _encode_batch(
+    batch: dict[str, list], indices: list[int], *, spec: FormatSpec, name: str, tokenizer: PreTrainedTokenizerBase,
+    stage: str, eot: str | None, cutoff_len: int, train_on_prompt: bool, mask_history: bool,
+) -> dict[str, list]:
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": []}
+    keys = list(batch)
+    for j, index in enumerate(indices):
+        row = {k: batch[k][j] for k in keys}
+        ref = f"{name} sample {index}"
+        try:
+            if stage == "pt":
+                encoded = [(ids, list(ids), "kept", "") for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)]
+            else:
+                e = encode_conversation(tokenizer, to_messages(row, spec), eot=eot, cutoff_len=cutoff_len,
+                                        train_on_prompt=train_on_prompt, mask_history=mask_history)
+                encoded = [(e.input_ids, e.labels, e.status, e.detail)]
+        except RowError as err:
+            encoded = [([], [], ERROR, str(err))]
+        for ids, labels, status, detail in encoded:
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["status"].append(status)
+            out["detail"].append(detail)
+            out["ref"].append(ref)
+    return out
+
+
+def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: Source, eot: str | None) -> datasets.Dataset:
+    """One source → encoded rows with columns input_ids, labels, status, detail, ref."""
+    ds = load_source(source)
+    spec = format_of(source, ds)
+    limit = min(n for n in (cfg.max_samples, source.num_samples, len(ds)) if n is not None)
+    ds = ds.select(range(limit))
+    workers = cfg.preprocessing_num_workers or 1
+    return ds.map(
+        _encode_batch,
+        with_indices=True,
+        batched=True,
+        batch_size=256,
+        remove_columns=ds.column_names,
+        num_proc=workers if workers > 1 and len(ds) >= 256 * workers else None,
+        fn_kwargs=dict(spec=spec, name=source.name, tokenizer=tokenizer, stage=cfg.stage, eot=eot, cutoff_len=cfg.cutoff_len,
+                       train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history),
+        desc=f"Encoding {source.name}",
+    )
+
+
+def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
+    """Tokenized train and validation sets for ``cfg``, with a report of what was left out.
+
+    Raises SftlabError for any malformed row (naming the first), or when nothing is left to train.
+    """
+    eot = end_of_turn_token(tokenizer) if cfg.stage == "sft" else None
+    parts = [encode_source(cfg, tokenizer, s, eot) for s in resolve_sources(cfg.dataset, cfg.dataset_dir)]
+    encoded = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+    report = DataReport()
+    statuses, details, refs = encoded["status"], encoded["detail"], encoded["ref"]
+    errors = [i for i, s in enumerate(statuses) if s == ERROR]
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SftlabError(f"{_file_ref(cfg, refs[first])}: {details[first]}{more}; fix or remove the sample")
+    for status, detail, ref in zip(statuses, details, refs):
+        report.add(status, ref, detail)
+
+    keep = [i for i, s in enumerate(statuses) if s in TRAINED_STATUSES]
+    if not keep:
+        raise SftlabError("no sample is left to train on: " + " ".join(report.lines()[1:]).strip())
+    trained = encoded.select(keep).select_columns(["input_ids", "labels"])
+    train, val = _split(trained, cfg.val_size, cfg.seed)
+    return Data(train, val, report)
+
+
+def _file_ref(cfg: SFTConfig, ref: str) -> str:
+    """'name sample 7' → 'data/x.json sample 7' where the name is a registered dataset."""
+    name, _, index = ref.rpartition(" sample ")
+    try:
+        source = resolve_sources([name], cfg.dataset_dir)[0]
+        return f"{source.files[0]} sample {index}"
+    except SftlabError:
+        return ref
+
+
+def _split(ds: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    if val_size <= 0:
+        return ds, None
+    n_val = int(val_size) if val_size >= 1 else max(1, round(val_size * len(ds)))
+    if n_val >= len(ds):
+        raise SftlabError(f"val_size {val_size}: leaves no training samples out of {len(ds)}; use a smaller value")
+    parts = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples as training sees them: ref, messages, input_ids, labels, status."""
+    eot = end_of_turn_token(tokenizer) if cfg.stage == "sft" else None
+    rows: list[dict[str, Any]] = []
+    for source in resolve_sources(cfg.dataset, cfg.dataset_dir):
+        raw = load_source(source)
+        spec = format_of(source, raw)
+        head = raw.select(range(min(n - len(rows), len(raw))))
+        out = _encode_batch(head.to_dict(), list(range(len(head))), spec=spec, name=source.name, tokenizer=tokenizer,
+                            stage=cfg.stage, eot=eot, cutoff_len=cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
+                            mask_history=cfg.mask_history)
+        for j, status in enumerate(out["status"]):
+            if status == ERROR:
+                raise SftlabError(f"{_file_ref(cfg, out['ref'][j])}: {out['detail'][j]}; fix or remove the sample")
+            rows.append({k: out[k][j] for k in ("ref", "status", "detail", "input_ids", "labels")})
+        if len(rows) >= n:
+            break
+    return rows[:n]

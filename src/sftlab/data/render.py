@@ -1,0 +1,178 @@
+"""Conversation → (input_ids, labels). The one place where labels are made.
+
+Rendering uses only ``tokenizer.apply_chat_template`` (the model's own template, or the
+built-in one that was chosen and will be saved with the model). Assistant spans are derived
+from the template itself, no ``{% generation %}`` markers needed:
+
+* a turn's trained span starts where ``render(messages[:i], add_generation_prompt=True)`` ends —
+  that text must be a prefix of the full render, or the sample is reported as not prefix-stable;
+* it ends with the template's end-of-turn token (found once by probing the template) that
+  follows the answer's text, so the stop token is trained and trailing whitespace is not.
+  Templates with no end-of-turn token end the span where ``render(messages[:i+1])`` ends.
+
+Char spans become token spans through the offsets of one tokenization of the full text; a span
+boundary inside a token is reported, never rounded. The full text is tokenized with
+``add_special_tokens=False`` because the template writes BOS itself: no doubled BOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from sftlab.data.formats import Message
+
+IGNORE_INDEX = -100
+
+# Status of an encoded sample. Only KEPT and TURNS_DROPPED are trained.
+KEPT = "kept"
+TURNS_DROPPED = "turns_dropped"
+TOO_LONG = "too_long"
+NOT_PREFIX_STABLE = "not_prefix_stable"
+NO_TRAINABLE = "no_trainable"
+TRAINED_STATUSES = (KEPT, TURNS_DROPPED)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    status: str
+    detail: str = ""
+
+
+class SpanError(ValueError):
+    """The template renders this conversation in a way whose assistant spans cannot be masked exactly."""
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def special_token_strings(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return specials
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the template writes after an assistant answer (``<|im_end|>``, ``<|eot_id|>``, EOS…).
+
+    Found by rendering a probe conversation; None when the template writes no special token there.
+    """
+    probe = "sftlab-probe-answer"
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}])
+    except Exception:  # a template with unusual requirements: fall back to the full-turn span
+        return None
+    after = text[text.rfind(probe) + len(probe):]
+    specials = special_token_strings(tokenizer)
+    first = None
+    for token in specials:
+        pos = after.find(token)
+        if pos >= 0 and (first is None or pos < first[0] or (pos == first[0] and len(token) > len(first[1]))):
+            first = (pos, token)
+    return first[1] if first else None
+
+
+def assistant_char_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], text: str, eot: str | None
+) -> list[tuple[int, int]]:
+    """Character spans of ``text`` (the full render) that the model must learn, one per assistant turn.
+
+    Raises SpanError when the template does not render the conversation's prefixes stably.
+    """
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+        if not text.startswith(prompt):
+            raise SpanError(f"turn {i}: the conversation up to this answer renders differently inside the whole conversation")
+        start = len(prompt)
+        content = message["content"].strip()
+        content_at = text.find(content, start) if content else start
+        if content_at < 0:
+            raise SpanError(f"turn {i}: the template changes the answer's text, so it cannot be located")
+        if eot is not None:
+            end = text.find(eot, content_at + len(content))
+            if end < 0:
+                raise SpanError(f"turn {i}: no end-of-turn token {eot!r} after the answer")
+            end += len(eot)
+        else:
+            turn = render(tokenizer, messages[: i + 1])
+            if not text.startswith(turn):
+                raise SpanError(f"turn {i}: the conversation up to this answer renders differently inside the whole conversation")
+            end = len(turn)
+        spans.append((start, end))
+    return spans
+
+
+def _token_index(offsets: list[tuple[int, int]], boundary: int, text_len: int) -> int:
+    """The index of the first token at or after char ``boundary``; raises SpanError if a token straddles it."""
+    if boundary >= text_len:
+        return len(offsets)
+    for idx, (s, e) in enumerate(offsets):
+        if e > boundary:
+            if s < boundary:
+                raise SpanError(f"a span boundary (char {boundary}) falls inside a token, so prompt and answer share a token")
+            return idx
+    return len(offsets)
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    *,
+    eot: str | None,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> Encoded:
+    """Render and tokenize one conversation; labels are -100 except on trained tokens.
+
+    Trained tokens: each assistant turn's answer and its end-of-turn token (only the last turn with
+    ``mask_history``; every token with ``train_on_prompt``). Over ``cutoff_len`` tokens, whole later
+    turns are dropped (the sample ends after the last assistant turn that fits); if not even the first
+    answer fits, the sample is TOO_LONG and not trained.
+    """
+    text = render(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    try:
+        char_spans = assistant_char_spans(tokenizer, messages, text, eot)
+        spans = [(_token_index(enc["offset_mapping"], s, len(text)), _token_index(enc["offset_mapping"], e, len(text))) for s, e in char_spans]
+    except SpanError as e:
+        return Encoded([], [], NOT_PREFIX_STABLE, str(e))
+
+    status, detail = KEPT, ""
+    if len(ids) > cutoff_len:
+        fitting = [span for span in spans if span[1] <= cutoff_len]
+        if not fitting:
+            return Encoded([], [], TOO_LONG, f"{len(ids)} tokens; the first answer ends at token {spans[0][1]} > cutoff_len {cutoff_len}")
+        dropped = len(spans) - len(fitting)
+        spans, ids = fitting, ids[: fitting[-1][1]]
+        # dropped == 0: only template text after the last end-of-turn token (e.g. a newline) was cut
+        if dropped:
+            status, detail = TURNS_DROPPED, f"{dropped} later assistant turn(s) dropped to fit cutoff_len {cutoff_len}"
+
+    if train_on_prompt:
+        labels = list(ids)
+    else:
+        labels = [IGNORE_INDEX] * len(ids)
+        for s, e in spans[-1:] if mask_history else spans:
+            labels[s:e] = ids[s:e]
+    if all(label == IGNORE_INDEX for label in labels):
+        return Encoded([], [], NO_TRAINABLE, "no token is trained (empty answers and no end-of-turn token)")
+    return Encoded(ids, labels, status, detail)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, cutoff_len: int) -> list[list[int]]:
+    """Plain text for ``stage: pt``: tokenized with the tokenizer's own BOS, EOS appended, split into
+    blocks of at most ``cutoff_len`` tokens (every token trained)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return [ids[i : i + cutoff_len] for i in range(0, len(ids), cutoff_len) if len(ids[i : i + cutoff_len]) > 1]

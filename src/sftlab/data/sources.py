@@ -1,0 +1,156 @@
+"""Find and load datasets: names in ``dataset_info.json`` or direct file paths, as Arrow datasets.
+
+Loading goes through Hugging Face ``datasets`` (memory-mapped Arrow, cached), so a large file never
+sits in Python lists. When a file fails to parse, it is re-read line by line only to name the line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from sftlab.data.formats import FORMATS, FormatSpec, detect_format
+from sftlab.errors import SftlabError
+
+_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Source:
+    """One dataset to read: its display name, files and format (None: detect from columns)."""
+
+    name: str
+    files: list[Path]
+    spec: FormatSpec | None
+    split: str = "train"
+    num_samples: int | None = None
+
+
+def resolve_sources(names: list[str], dataset_dir: str) -> list[Source]:
+    """Dataset names → sources. Raises SftlabError for an unknown name or a bad dataset_info.json entry."""
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    info: dict | None = None
+    sources = []
+    for name in names:
+        path = Path(name).expanduser()
+        if path.suffix in _LOADERS or path.is_dir() or path.is_file():
+            sources.append(Source(name, _data_files(path, "dataset"), None))
+            continue
+        if info is None:
+            info = _read_info(info_path)
+        if name not in info:
+            known = ", ".join(sorted(info)) or "none"
+            raise SftlabError(f"dataset '{name}': not in {info_path} (it has: {known}) and no such file")
+        sources.append(_from_info(name, info[name], Path(dataset_dir), info_path))
+    return sources
+
+
+def _read_info(info_path: Path) -> dict:
+    if not info_path.is_file():
+        raise SftlabError(f"{info_path}: not found; set dataset_dir to the folder with dataset_info.json, or give dataset as a file path")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SftlabError(f"{info_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(info, dict):
+        raise SftlabError(f"{info_path}: expected an object mapping dataset names to entries")
+    return info
+
+
+def _from_info(name: str, entry: dict, dataset_dir: Path, info_path: Path) -> Source:
+    where = f"{info_path}: dataset '{name}'"
+    if not isinstance(entry, dict):
+        raise SftlabError(f"{where}: expected an object with file_name")
+    if "file_name" not in entry:
+        remote = next((k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in entry), None)
+        if remote:
+            raise SftlabError(f"{where}: '{remote}' datasets need the network; download it and set file_name")
+        raise SftlabError(f"{where}: missing 'file_name'")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in FORMATS:
+        raise SftlabError(f"{where}: unknown formatting '{formatting}'; use one of {', '.join(FORMATS)}")
+    columns, tags = entry.get("columns", {}), entry.get("tags", {})
+    if formatting == "sharegpt" and tags.get("role_tag") == "role":  # LLaMA-Factory's way of saying OpenAI format
+        formatting = "openai"
+    spec = FormatSpec(formatting, dict(columns), dict(tags))
+    path = dataset_dir / entry["file_name"]
+    return Source(name, _data_files(path, f"{where}: file_name"), spec, entry.get("split", "train"), entry.get("num_samples"))
+
+
+def _data_files(path: Path, what: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in _LOADERS)
+        if not files:
+            raise SftlabError(f"{what}: folder {path} has no .json, .jsonl, .csv or .parquet files")
+        return files
+    if not path.is_file():
+        raise SftlabError(f"{what}: {path} not found; check the path (relative paths start at the working directory)")
+    if path.suffix not in _LOADERS:
+        raise SftlabError(f"{what}: {path} is not .json, .jsonl, .csv or .parquet")
+    return [path]
+
+
+def load_source(source: Source) -> datasets.Dataset:
+    """The source's rows as an Arrow dataset. Raises SftlabError naming the file (and line) on bad data."""
+    loader = _LOADERS[source.files[0].suffix]
+    if any(_LOADERS[f.suffix] != loader for f in source.files):
+        raise SftlabError(f"dataset '{source.name}': mixes file types; use one type per dataset")
+    for f in source.files:
+        if f.stat().st_size == 0:
+            raise SftlabError(f"{f}: the file is empty; add samples or remove it from dataset")
+    try:
+        ds = datasets.load_dataset(loader, data_files=[str(f) for f in source.files], split="train")
+    except Exception as e:  # pyarrow / datasets raise many types; find the offending line ourselves
+        for f in source.files:
+            _raise_parse_error(f)
+        raise SftlabError(f"{source.files[0]}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if len(ds) == 0:
+        raise SftlabError(f"{source.files[0]}: the dataset has no samples; add samples or remove it from dataset")
+    return ds
+
+
+def _raise_parse_error(path: Path) -> None:
+    if path.suffix not in (".json", ".jsonl"):
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise SftlabError(f"{path}: the file is empty; add samples or remove it from dataset")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as whole:
+        if text.lstrip().startswith("["):
+            raise SftlabError(f"{path}:{whole.lineno}: not valid JSON ({whole.msg}); fix that line") from None
+    else:
+        if document == [] or document == {}:
+            raise SftlabError(f"{path}: the dataset has no samples; add samples or remove it from dataset")
+        return  # a valid JSON document that datasets could not read: the caller reports why
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SftlabError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a JSONL file must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise SftlabError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+
+
+def format_of(source: Source, ds: datasets.Dataset) -> FormatSpec:
+    """The source's declared format, or the one its columns show; checks required columns exist."""
+    spec = source.spec or detect_format(ds.column_names, ds[0])
+    if spec is None:
+        raise SftlabError(
+            f"{source.files[0]}: unknown data format (columns: {', '.join(ds.column_names)}); expected alpaca "
+            "(instruction, output), sharegpt (conversations), openai (messages), prompt/completion or text, "
+            "or register it in dataset_info.json with its columns"
+        )
+    missing = spec.missing_columns(ds.column_names)
+    if missing:
+        raise SftlabError(
+            f"{source.files[0]}: {spec.formatting} data needs column(s) {', '.join(missing)} "
+            f"but has {', '.join(ds.column_names)}; map them with 'columns' in dataset_info.json"
+        )
+    return spec

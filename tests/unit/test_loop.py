@@ -1,0 +1,93 @@
+"""Loss normalisation and the data schedule of the training loop."""
+
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from sftlab.config import load_config
+from sftlab.data.render import IGNORE_INDEX
+from sftlab.model.load import load_model
+from sftlab.train.loop import Schedule, accumulate_gradients, collate
+from sftlab.train.loss import TokenLoss
+
+
+def _samples(n: int, vocab: int) -> dict[str, list[list[int]]]:
+    """Samples of different lengths with different numbers of trained tokens."""
+    g = torch.Generator().manual_seed(1)
+    rows = {"input_ids": [], "labels": []}
+    for i in range(n):
+        length = 6 + 3 * i
+        ids = torch.randint(5, vocab, (length,), generator=g).tolist()
+        prompt = 2 + i % 4
+        rows["input_ids"].append(ids)
+        rows["labels"].append([IGNORE_INDEX] * prompt + ids[prompt:])
+    return rows
+
+
+def _grads(module: TokenLoss, rows: dict, batch_size: int) -> dict[str, torch.Tensor]:
+    module.zero_grad(set_to_none=True)
+    batches = [collate({k: v[i : i + batch_size] for k, v in rows.items()}, pad_id=0) for i in range(0, 8, batch_size)]
+    accumulate_gradients(Accelerator(cpu=True), module, batches)
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_batch8_x_accum1_equals_batch1_x_accum8(tiny_model_dir, finetuning_type):
+    cfg = load_config(None, [], model_name_or_path=str(tiny_model_dir), dataset="d", finetuning_type=finetuning_type)
+    torch.manual_seed(0)
+    module = TokenLoss(load_model(cfg, tiny_model_dir, torch.device("cpu")))
+    if finetuning_type == "lora":  # B starts at zero, so A gets no gradient: perturb B to test both
+        for n, p in module.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+    rows = _samples(8, vocab=module.model.config.vocab_size)
+    g8, g1 = _grads(module, rows, 8), _grads(module, rows, 1)
+    g_pairs = _grads(module, rows, 2)
+    assert g8.keys() == g1.keys() and len(g8) > 0
+    for name in g8:
+        assert g8[name].abs().sum() > 0, name
+        torch.testing.assert_close(g1[name], g8[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(g_pairs[name], g8[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_loss_is_token_mean_not_mean_of_batch_means(tiny_model_dir):
+    cfg = load_config(None, [], model_name_or_path=str(tiny_model_dir), dataset="d", finetuning_type="full")
+    module = TokenLoss(load_model(cfg, tiny_model_dir, torch.device("cpu")))
+    rows = _samples(8, vocab=module.model.config.vocab_size)
+    batches = [collate({k: v[i : i + 1] for k, v in rows.items()}, pad_id=0) for i in range(8)]
+    loss_sum, n_trained, _ = accumulate_gradients(Accelerator(cpu=True), module, batches)
+    with torch.no_grad():
+        whole, n = module(**collate(rows, pad_id=0))
+    assert n_trained == int(n) == sum(len(l) - 1 - l[1:].count(IGNORE_INDEX) for l in rows["labels"])
+    assert loss_sum == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_selective_head_equals_full_logits(tiny_model_dir):
+    cfg = load_config(None, [], model_name_or_path=str(tiny_model_dir), dataset="d", finetuning_type="full")
+    module = TokenLoss(load_model(cfg, tiny_model_dir, torch.device("cpu")))
+    batch = collate(_samples(4, vocab=module.model.config.vocab_size), pad_id=0)
+    assert module.selective
+    fast, n = module(**batch)
+    slow_module = copy.copy(module)
+    slow_module.selective = False
+    slow, n2 = slow_module(**batch)
+    assert n == n2 and fast.item() == pytest.approx(slow.item(), rel=1e-5)
+
+
+def test_schedule_covers_every_sample_once_per_epoch_and_is_deterministic():
+    s = Schedule(n_samples=21, batch_size=4, accumulation=2, world_size=1, seed=3)
+    assert s.micro_per_epoch == 6 and s.steps_per_epoch == 3
+    epoch0 = [i for step in range(3) for mb in s.micro_batches(step, 0) for i in mb]
+    assert sorted(epoch0) == list(range(21))
+    epoch1 = [i for step in range(3, 6) for mb in s.micro_batches(step, 0) for i in mb]
+    assert sorted(epoch1) == list(range(21)) and epoch1 != epoch0  # reshuffled
+    assert s.micro_batches(4, 0) == Schedule(21, 4, 2, 1, 3).micro_batches(4, 0)
+
+
+def test_schedule_shards_a_step_across_ranks():
+    s = Schedule(n_samples=32, batch_size=2, accumulation=2, world_size=2, seed=0)
+    r0, r1 = s.micro_batches(0, 0), s.micro_batches(0, 1)
+    assert len(r0) == len(r1) == 2
+    assert not set(i for mb in r0 for i in mb) & set(i for mb in r1 for i in mb)

@@ -1,0 +1,141 @@
+"""Golden label tests on real tokenizers: exactly the answers and their end-of-turn tokens are trained."""
+
+import pytest
+
+from sftlab.data.render import (
+    IGNORE_INDEX, KEPT, NOT_PREFIX_STABLE, TOO_LONG, TURNS_DROPPED, encode_conversation, end_of_turn_token,
+)
+
+SINGLE = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+MULTI = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
+
+# token ids of the real tokenizers (SmolLM2 ChatML; Qwen3 with its <think> template)
+SMOL_HELLO, SMOL_4, SMOL_IM_END = [19556, 17], [36], [2]
+QWEN_HELLO, QWEN_4, QWEN_IM_END = [9707, 0], [19], [151645]
+QWEN_EMPTY_THINK = [151667, 271, 151668, 271]  # "<think>\n\n</think>\n\n": what Qwen3 writes before its last answer
+
+
+def encode(tokenizer, messages, **kw):
+    kw.setdefault("cutoff_len", 512)
+    return encode_conversation(tokenizer, messages, eot=end_of_turn_token(tokenizer), **kw)
+
+
+def trained(e):
+    return [i for i, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX]
+
+
+def test_end_of_turn_tokens(smol_tokenizer, qwen_tokenizer):
+    assert end_of_turn_token(smol_tokenizer) == "<|im_end|>"
+    assert end_of_turn_token(qwen_tokenizer) == "<|im_end|>"
+
+
+@pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
+@pytest.mark.parametrize("name", ["smol", "qwen"])
+def test_input_ids_equal_the_templates_own_rendering(name, messages, smol_tokenizer, qwen_tokenizer):
+    tok = smol_tokenizer if name == "smol" else qwen_tokenizer
+    expected = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    e = encode(tok, messages)
+    assert e.status == KEPT
+    assert e.input_ids == list(expected)
+    assert len(e.labels) == len(e.input_ids)
+
+
+def test_smol_single_turn(smol_tokenizer):
+    e = encode(smol_tokenizer, SINGLE)
+    assert trained(e) == SMOL_4 + SMOL_IM_END
+    # the trained tokens are the last ones but the template's trailing newline
+    assert e.labels[-3:] == SMOL_4 + SMOL_IM_END + [IGNORE_INDEX]
+
+
+def test_smol_multi_turn_trains_every_answer(smol_tokenizer):
+    assert trained(encode(smol_tokenizer, MULTI)) == SMOL_HELLO + SMOL_IM_END + SMOL_4 + SMOL_IM_END
+
+
+def test_smol_mask_history_trains_only_the_last_answer(smol_tokenizer):
+    assert trained(encode(smol_tokenizer, MULTI, mask_history=True)) == SMOL_4 + SMOL_IM_END
+
+
+def test_train_on_prompt_trains_everything(smol_tokenizer):
+    e = encode(smol_tokenizer, MULTI, train_on_prompt=True)
+    assert e.labels == e.input_ids
+
+
+def test_system_prompt_is_never_trained(smol_tokenizer):
+    e = encode(smol_tokenizer, MULTI)
+    system_ids = smol_tokenizer("Be brief.", add_special_tokens=False)["input_ids"]
+    start = e.input_ids.index(system_ids[0])
+    assert all(label == IGNORE_INDEX for label in e.labels[: start + len(system_ids) + 1])
+
+
+def test_qwen_single_turn_trains_the_think_block_it_will_generate(qwen_tokenizer):
+    assert trained(encode(qwen_tokenizer, SINGLE)) == QWEN_EMPTY_THINK + QWEN_4 + QWEN_IM_END
+
+
+def test_qwen_multi_turn_history_answer_has_no_think_block(qwen_tokenizer):
+    # Qwen3 drops <think> from earlier turns: the history answer is trained as rendered there.
+    e = encode(qwen_tokenizer, MULTI)
+    assert trained(e) == QWEN_HELLO + QWEN_IM_END + QWEN_EMPTY_THINK + QWEN_4 + QWEN_IM_END
+
+
+def test_qwen_mask_history(qwen_tokenizer):
+    assert trained(encode(qwen_tokenizer, MULTI, mask_history=True)) == QWEN_EMPTY_THINK + QWEN_4 + QWEN_IM_END
+
+
+def test_cutoff_drops_whole_later_turns(smol_tokenizer):
+    full = encode(smol_tokenizer, MULTI)
+    cut = encode(smol_tokenizer, MULTI, cutoff_len=len(full.input_ids) - 2)  # cuts into the last answer
+    assert cut.status == TURNS_DROPPED and "1 later assistant turn" in cut.detail
+    assert trained(cut) == SMOL_HELLO + SMOL_IM_END
+    assert cut.input_ids[-1] == SMOL_IM_END[0]  # ends on the kept answer's end-of-turn token
+    assert cut.input_ids == full.input_ids[: len(cut.input_ids)]
+
+
+def test_cutoff_that_only_cuts_trailing_template_text_keeps_every_turn(smol_tokenizer):
+    full = encode(smol_tokenizer, MULTI)
+    e = encode(smol_tokenizer, MULTI, cutoff_len=len(full.input_ids) - 1)  # only the final newline is over
+    assert e.status == KEPT and e.input_ids == full.input_ids[:-1] and trained(e) == trained(full)
+
+
+def test_cutoff_drops_a_sample_whose_first_answer_does_not_fit(smol_tokenizer):
+    e = encode(smol_tokenizer, SINGLE, cutoff_len=20)
+    assert e.status == TOO_LONG and e.input_ids == [] and "cutoff_len 20" in e.detail
+
+
+def test_no_doubled_bos(smol_tokenizer):
+    # default.jinja writes BOS itself; tokenizing must not add a second one
+    from sftlab.data.templates import builtin_template
+
+    tok = smol_tokenizer.__class__.from_pretrained(smol_tokenizer.name_or_path)
+    tok.chat_template = builtin_template("default")
+    e = encode(tok, SINGLE)
+    assert e.input_ids[0] == tok.bos_token_id and e.input_ids[1] != tok.bos_token_id
+    assert e.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_template_that_is_not_prefix_stable_is_reported(smol_tokenizer):
+    tok = smol_tokenizer.__class__.from_pretrained(smol_tokenizer.name_or_path)
+    # numbers turns from the end: rendering a prefix gives different text than the whole conversation
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }} {{ messages|length - loop.index0 }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    e = encode(tok, SINGLE)
+    assert e.status == NOT_PREFIX_STABLE and "turn 1" in e.detail and e.input_ids == []
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen", "default"])  # llama3 needs its own tokens: issue 3
+def test_builtin_templates_train_answer_and_end_of_turn(name, smol_tokenizer):
+    from sftlab.data.templates import builtin_template
+
+    tok = smol_tokenizer.__class__.from_pretrained(smol_tokenizer.name_or_path)
+    tok.chat_template = builtin_template(name)
+    e = encode(tok, MULTI)
+    assert e.status == KEPT
+    text = tok.decode(trained(e))
+    assert "Hello!" in text and "4" in text and "Be brief" not in text and "2+2" not in text
