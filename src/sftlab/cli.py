@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -38,8 +39,10 @@ def _setup_logging() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; sftlab logs what it loads
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's to act on
 
 
 @app.command()
@@ -120,8 +123,9 @@ def main() -> None:
         if _debug:
             raise
         typer.secho(f"error: {e}", fg="red", err=True)
-        sys.exit(130 if type(e).__name__ == "Interrupted" else 2)
-    except click.exceptions.Abort:
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # a second Ctrl-C while a checkpoint was pending
+        typer.secho("error: interrupted", fg="red", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()

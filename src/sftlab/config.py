@@ -33,7 +33,7 @@ class SFTConfig(BaseModel):
 
     # --- method
     stage: Literal["sft", "pt"] = Field("sft", description="sft: chat/instruction tuning; pt: continued pre-training on plain text.")
-    do_train: bool = Field(True, description="Run training (false: only prepare data and model).")
+    do_train: bool = Field(True, description="Run training (false: only load, check and report the data).")
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="lora: low-rank adapters; full: all weights; freeze: only the last layers.")
     freeze_trainable_layers: int = Field(2, description="freeze: number of last decoder layers to train (negative: first layers).")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r: more capacity and memory as it grows.")
@@ -102,7 +102,7 @@ class SFTConfig(BaseModel):
     def _check(self) -> "SFTConfig":
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true: choose one")
-        if self.do_train and not self.dataset:
+        if not self.dataset:
             raise ValueError("dataset is empty: name a dataset from dataset_info.json or a data file")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise ValueError(f"val_size {self.val_size}: use a fraction below 1 or a whole number of samples")

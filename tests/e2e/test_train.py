@@ -111,11 +111,13 @@ def test_resume_true_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_di
 
 
 def test_existing_run_is_not_overwritten_silently(tmp_path, tiny_model_dir, alpaca_file):
-    cfg_path = _config(tmp_path, tiny_model_dir, alpaca_file, max_steps=1)
+    cfg_path = _config(tmp_path, tiny_model_dir, alpaca_file, max_steps=2, save_steps=1)
     assert _cli("train", str(cfg_path)).returncode == 0
     again = _cli("train", str(cfg_path))
     assert again.returncode != 0 and "already holds a run" in again.stderr and "overwrite_output_dir" in again.stderr
-    assert _cli("train", str(cfg_path), "overwrite_output_dir=true").returncode == 0
+    assert _cli("train", str(cfg_path), "overwrite_output_dir=true", "max_steps=1").returncode == 0
+    # the previous run's checkpoint-2 is gone, so resume_from_checkpoint: true cannot pick it up
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, alpaca_file):
@@ -160,3 +162,12 @@ def test_pretraining_stage_on_plain_text(tmp_path, tiny_model_dir):
     cfg = load_config(_config(tmp_path, tiny_model_dir, data, stage="pt", cutoff_len=32, max_steps=2))
     out = run_training(cfg)
     assert (out / "adapter_model.safetensors").is_file() and len(_metrics(out)) == 2
+
+
+def test_bf16_autocast_on_a_cpu_that_has_it(tmp_path, tiny_model_dir, alpaca_file):
+    from sftlab.train.run import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no bf16")
+    out = run_training(load_config(_config(tmp_path, tiny_model_dir, alpaca_file, bf16=True, max_steps=2)))
+    assert all(r["loss"] > 0 for r in _metrics(out))

@@ -118,7 +118,7 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
     if errors:
         first = errors[0]
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise SftlabError(f"{_file_ref(cfg, refs[first])}: {details[first]}{more}; fix or remove the sample")
+        raise SftlabError(f"{refs[first]}: {details[first]}{more}; fix or remove the sample")
     for status, detail, ref in zip(statuses, details, refs):
         report.add(status, ref, detail)
 
@@ -128,16 +128,6 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
     trained = encoded.select(keep).select_columns(["input_ids", "labels"])
     train, val = _split(trained, cfg.val_size, cfg.seed)
     return Data(train, val, report)
-
-
-def _file_ref(cfg: SFTConfig, ref: str) -> str:
-    """'name sample 7' → 'data/x.json sample 7' where the name is a registered dataset."""
-    name, _, index = ref.rpartition(" sample ")
-    try:
-        source = resolve_sources([name], cfg.dataset_dir)[0]
-        return f"{source.files[0]} sample {index}"
-    except SftlabError:
-        return ref
 
 
 def _split(ds: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -163,7 +153,7 @@ def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> 
                             mask_history=cfg.mask_history)
         for j, status in enumerate(out["status"]):
             if status == ERROR:
-                raise SftlabError(f"{_file_ref(cfg, out['ref'][j])}: {out['detail'][j]}; fix or remove the sample")
+                raise SftlabError(f"{out['ref'][j]}: {out['detail'][j]}; fix or remove the sample")
             rows.append({k: out[k][j] for k in ("ref", "status", "detail", "input_ids", "labels")})
         if len(rows) >= n:
             break

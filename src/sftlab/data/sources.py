@@ -22,10 +22,9 @@ _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 class Source:
     """One dataset to read: its display name, files and format (None: detect from columns)."""
 
-    name: str
+    name: str  # how samples are named in messages: the file, or the registered name of a folder
     files: list[Path]
     spec: FormatSpec | None
-    split: str = "train"
     num_samples: int | None = None
 
 
@@ -37,7 +36,8 @@ def resolve_sources(names: list[str], dataset_dir: str) -> list[Source]:
     for name in names:
         path = Path(name).expanduser()
         if path.suffix in _LOADERS or path.is_dir() or path.is_file():
-            sources.append(Source(name, _data_files(path, "dataset"), None))
+            files = _data_files(path, "dataset")
+            sources.append(Source(str(files[0]) if len(files) == 1 else name, files, None))
             continue
         if info is None:
             info = _read_info(info_path)
@@ -76,8 +76,8 @@ def _from_info(name: str, entry: dict, dataset_dir: Path, info_path: Path) -> So
     if formatting == "sharegpt" and tags.get("role_tag") == "role":  # LLaMA-Factory's way of saying OpenAI format
         formatting = "openai"
     spec = FormatSpec(formatting, dict(columns), dict(tags))
-    path = dataset_dir / entry["file_name"]
-    return Source(name, _data_files(path, f"{where}: file_name"), spec, entry.get("split", "train"), entry.get("num_samples"))
+    files = _data_files(dataset_dir / entry["file_name"], f"{where}: file_name")
+    return Source(str(files[0]) if len(files) == 1 else name, files, spec, entry.get("num_samples"))
 
 
 def _data_files(path: Path, what: str) -> list[Path]:

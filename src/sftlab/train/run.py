@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from typing import Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -32,16 +34,16 @@ log = logging.getLogger(__name__)
 class Interrupted(SftlabError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
 
+    exit_code = 130
+
 
 def cpu_supports_bf16() -> bool:
-    return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX")) or _has_flag("avx512_bf16") or _has_flag("amx_bf16")
-
-
-def _has_flag(flag: str) -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 bf16 or AMX); elsewhere autocast would be slower than fp32."""
     try:
-        return flag in Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def mixed_precision(cfg: SFTConfig) -> str:
@@ -60,9 +62,12 @@ def mixed_precision(cfg: SFTConfig) -> str:
 
 def prepare_output_dir(cfg: SFTConfig, resuming: bool) -> Path:
     out = Path(cfg.output_dir)
-    if out.exists() and not resuming and not cfg.overwrite_output_dir:
-        if list_checkpoints(out) or (out / "config.yaml").exists():
+    if out.exists() and not resuming:
+        stale = list_checkpoints(out)
+        if (stale or (out / "config.yaml").exists()) and not cfg.overwrite_output_dir:
             raise SftlabError(f"output_dir {out} already holds a run; set resume_from_checkpoint: true to continue it or overwrite_output_dir: true to start over")
+        for path in stale:  # a later resume must never pick up the previous run's checkpoints
+            shutil.rmtree(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -104,6 +109,8 @@ def run_training(cfg: SFTConfig) -> Path:
     precision = mixed_precision(cfg)
     checkpoint = find_checkpoint(cfg)
     out = prepare_output_dir(cfg, resuming=checkpoint is not None)
+    # Each run sets its own precision; the process group (PartialState) is kept across runs.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=precision)
     set_seed(cfg.seed)
 
@@ -113,7 +120,7 @@ def run_training(cfg: SFTConfig) -> Path:
     for line in data.report.lines():
         log.info(line)
     (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    if not cfg.do_train:
+    if not cfg.do_train:  # data checked and reported; nothing to train
         return out
 
     model = load_model(cfg, model_dir, accelerator.device)

@@ -1,0 +1,126 @@
+"""Formats → messages, sources, mixing, splits and the report of dropped samples."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import ALPACA_ROWS
+from sftlab.config import load_config
+from sftlab.data.formats import FormatSpec, RowError, detect_format, to_messages
+from sftlab.data.pipeline import build_data
+from sftlab.data.render import IGNORE_INDEX
+
+
+def test_alpaca_with_system_and_history():
+    row = {"instruction": "And 3+3?", "input": "", "output": "6", "system": "Be terse.", "history": [["2+2?", "4"]]}
+    assert to_messages(row, FormatSpec("alpaca")) == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"},
+    ]
+
+
+def test_alpaca_joins_instruction_and_input_with_a_newline():
+    row = {"instruction": "Translate", "input": "chat", "output": "cat"}
+    assert to_messages(row, FormatSpec("alpaca"))[0] == {"role": "user", "content": "Translate\nchat"}
+
+
+def test_sharegpt_with_custom_role_tags():
+    spec = FormatSpec("sharegpt", {"messages": "dialog"}, {"role_tag": "speaker", "content_tag": "text", "user_tag": "Q", "assistant_tag": "A"})
+    row = {"dialog": [{"speaker": "Q", "text": "hi"}, {"speaker": "A", "text": "hello"}]}
+    assert to_messages(row, spec) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def test_openai_messages_and_prompt_completion():
+    row = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}
+    spec = detect_format(["messages"], row)
+    assert spec.formatting == "openai" and [m["role"] for m in to_messages(row, spec)] == ["system", "user", "assistant"]
+    pc = {"prompt": "P", "completion": "C"}
+    assert to_messages(pc, detect_format(["prompt", "completion"], pc)) == [{"role": "user", "content": "P"}, {"role": "assistant", "content": "C"}]
+
+
+@pytest.mark.parametrize("columns,expected", [
+    (["instruction", "input", "output"], "alpaca"), (["conversations"], "sharegpt"), (["text"], "text"), (["foo"], None),
+])
+def test_detect_format(columns, expected):
+    row = {"conversations": [{"from": "human", "value": "x"}]}
+    spec = detect_format(columns, row)
+    assert (spec.formatting if spec else None) == expected
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, "starts with an assistant turn"),
+    ({"messages": [{"role": "robot", "content": "a"}]}, "role 'robot'"),
+    ({"messages": []}, "empty"),
+])
+def test_bad_rows(row, message):
+    with pytest.raises(RowError, match=message):
+        to_messages(row, FormatSpec("openai"))
+
+
+def _cfg(tiny_model_dir, **kw):
+    return load_config(None, [], model_name_or_path=str(tiny_model_dir), **kw)
+
+
+def test_several_datasets_are_mixed_and_registered_names_resolve(tmp_path, tiny_model_dir, alpaca_file):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(3)))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "chat.jsonl", "formatting": "sharegpt",
+        "columns": {"messages": "messages"}, "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = build_data(_cfg(tiny_model_dir, dataset=f"mine,{alpaca_file}", dataset_dir=str(tmp_path)), tok)
+    assert len(data.train) == 3 + len(ALPACA_ROWS) and data.eval is None
+    assert data.report.counts["kept"] == 3 + len(ALPACA_ROWS)
+    decoded = [tok.decode([t for t, l in zip(r["input_ids"], r["labels"]) if l != IGNORE_INDEX]) for r in data.train]
+    assert "a0<|im_end|>" in decoded and "Paris<|im_end|>" in decoded
+
+
+def test_val_split_is_deterministic_under_seed(tiny_model_dir, alpaca_file):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    a = build_data(_cfg(tiny_model_dir, dataset=str(alpaca_file), val_size=0.25, seed=1), tok)
+    b = build_data(_cfg(tiny_model_dir, dataset=str(alpaca_file), val_size=0.25, seed=1), tok)
+    c = build_data(_cfg(tiny_model_dir, dataset=str(alpaca_file), val_size=3, seed=2), tok)
+    assert len(a.eval) == 2 and len(a.train) == len(ALPACA_ROWS) - 2 and len(c.eval) == 3
+    assert a.eval["input_ids"] == b.eval["input_ids"]
+    assert not set(map(tuple, a.eval["input_ids"])) & set(map(tuple, a.train["input_ids"]))
+
+
+def test_max_samples_takes_the_first_rows(tiny_model_dir, alpaca_file):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(build_data(_cfg(tiny_model_dir, dataset=str(alpaca_file), max_samples=3), tok).train) == 3
+
+
+def test_too_long_samples_are_counted_and_named(tmp_path, tiny_model_dir):
+    rows = [{"instruction": "Short?", "input": "", "output": "Yes"}, {"instruction": "Long " * 200, "input": "", "output": "No"}] * 2
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(rows))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = build_data(_cfg(tiny_model_dir, dataset=str(path), cutoff_len=64), tok)
+    assert len(data.train) == 2 and data.report.counts == {"kept": 2, "too_long": 2}
+    lines = data.report.lines()
+    assert lines[0] == "2 of 4 samples will be trained"
+    assert f"too_long: 2 — e.g. {path} sample 1" in lines[1] and "sample 3" in lines[1]
+
+
+def test_nothing_left_to_train_is_an_error(tmp_path, tiny_model_dir):
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps([{"instruction": "Long " * 200, "input": "", "output": "No"}]))
+    from sftlab.errors import SftlabError
+
+    with pytest.raises(SftlabError, match="no sample is left to train on.*too_long: 1"):
+        build_data(_cfg(tiny_model_dir, dataset=str(path), cutoff_len=64), AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def test_preview_text_marks_trained_spans_when_piped(tmp_path, tiny_model_dir, alpaca_file):
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file))
+    out = subprocess.run([sys.executable, "-m", "sftlab.cli", "data", "preview", str(cfg), "--n", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "<|im_start|>assistant\n[[Hi!<|im_end|>]]" in out.stdout and "[[4<|im_end|>]]" in out.stdout
+    assert "sample 0 · kept" in out.stdout
