@@ -120,7 +120,8 @@ def test_existing_run_is_not_overwritten_silently(tmp_path, tiny_model_dir, alpa
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, alpaca_file):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, alpaca_file, signum):
     cfg_path = _config(tmp_path, tiny_model_dir, alpaca_file, max_steps=100000, save_steps=100000)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "train", str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -128,7 +129,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, alpac
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "checkpoint saved" in stderr and "Traceback" not in stderr
@@ -171,3 +172,28 @@ def test_bf16_autocast_on_a_cpu_that_has_it(tmp_path, tiny_model_dir, alpaca_fil
         pytest.skip("this CPU has no bf16")
     out = run_training(load_config(_config(tmp_path, tiny_model_dir, alpaca_file, bf16=True, max_steps=2)))
     assert all(r["loss"] > 0 for r in _metrics(out))
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, alpaca_file):
+    runs = []
+    for gc in (False, True):
+        cfg = load_config(_config(tmp_path / f"gc{gc}", tiny_model_dir, alpaca_file, output_dir=str(tmp_path / f"out{gc}"),
+                                  gradient_checkpointing=gc, max_steps=3))
+        runs.append([r["loss"] for r in _metrics(run_training(cfg))])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_report_to_wandb_without_wandb_is_a_clear_error(tmp_path, tiny_model_dir, alpaca_file):
+    pytest.importorskip("tensorboard")
+    if __import__("importlib").util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    result = _cli("train", str(_config(tmp_path, tiny_model_dir, alpaca_file, report_to="wandb", max_steps=1)))
+    assert result.returncode != 0 and "pip install wandb" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # failed before writing anything
+
+
+def test_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path, alpaca_file):
+    cfg = _config(tmp_path, "someone/not-a-cached-model", alpaca_file)
+    result = _cli("data", "preview", str(cfg), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "'someone/not-a-cached-model'" in result.stderr and "download it to a directory" in result.stderr

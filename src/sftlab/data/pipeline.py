@@ -7,6 +7,7 @@ dropped, too long, not prefix-stable, nothing to train) are counted and the firs
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,7 +90,7 @@ def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: So
     spec = format_of(source, ds)
     limit = min(n for n in (cfg.max_samples, source.num_samples, len(ds)) if n is not None)
     ds = ds.select(range(limit))
-    workers = cfg.preprocessing_num_workers or 1
+    workers = min(cfg.preprocessing_num_workers or 1, os.cpu_count() or 1)
     return ds.map(
         _encode_batch,
         with_indices=True,

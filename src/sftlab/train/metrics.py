@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,12 @@ from sftlab.errors import SftlabError
 
 _TB_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
              "tokens_per_s": "train/tokens_per_s", "eval_loss": "eval/loss"}
+
+
+def require_reporter(report_to: str) -> None:
+    """Fail before anything is written when the logging backend ``report_to`` is not installed."""
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise SftlabError("report_to: wandb needs the wandb package: pip install wandb (or use tensorboard)")
 
 
 class MetricsWriter:
@@ -31,10 +38,9 @@ class MetricsWriter:
 
             self.tb = SummaryWriter(log_dir=str(output_dir / "runs"), purge_step=resume_step + 1 if resume_step else None)
         elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise SftlabError("report_to: wandb needs the wandb package: pip install wandb (or use tensorboard)") from None
+            require_reporter(report_to)
+            import wandb
+
             self.wandb = wandb.init(config=config, dir=str(output_dir), resume="allow")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from sftlab.model.load import load_model, load_tokenizer
 from sftlab.train.checkpoint import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_model_dir
 from sftlab.train.loop import Schedule, fit
 from sftlab.train.loss import TokenLoss
-from sftlab.train.metrics import MetricsWriter
+from sftlab.train.metrics import MetricsWriter, require_reporter
 from sftlab.train.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ def prepare_output_dir(cfg: SFTConfig, resuming: bool) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not resuming:
         stale = list_checkpoints(out)
-        if (stale or (out / "config.yaml").exists()) and not cfg.overwrite_output_dir:
+        trained = any((out / f).is_file() for f in ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"))
+        logged = (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0
+        if (stale or trained or logged) and not cfg.overwrite_output_dir:
             raise SftlabError(f"output_dir {out} already holds a run; set resume_from_checkpoint: true to continue it or overwrite_output_dir: true to start over")
         for path in stale:  # a later resume must never pick up the previous run's checkpoints
             shutil.rmtree(path)
@@ -107,6 +109,7 @@ def run_training(cfg: SFTConfig) -> Path:
     Raises SftlabError for bad input, Interrupted when stopped by a signal (after checkpointing).
     """
     precision = mixed_precision(cfg)
+    require_reporter(cfg.report_to)
     checkpoint = find_checkpoint(cfg)
     out = prepare_output_dir(cfg, resuming=checkpoint is not None)
     # Each run sets its own precision; the process group (PartialState) is kept across runs.
