@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config import SFTConfig
@@ -34,10 +35,9 @@ class DataReport:
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, status: str, ref: str, detail: str) -> None:
-        self.counts[status] += 1
-        if status != "kept" and len(self.examples.setdefault(status, [])) < _NAMED:
-            self.examples[status].append(f"{ref} ({detail})" if detail else ref)
+    def name(self, status: str, ref: str, detail: str) -> None:
+        """Remember ``ref`` as an example of ``status``."""
+        self.examples.setdefault(status, []).append(f"{ref} ({detail})" if detail else ref)
 
     def lines(self) -> list[str]:
         total = sum(self.counts.values())
@@ -113,20 +113,21 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
     parts = [encode_source(cfg, tokenizer, s, eot) for s in resolve_sources(cfg.dataset, cfg.dataset_dir)]
     encoded = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
-    report = DataReport()
-    statuses, details, refs = encoded["status"], encoded["detail"], encoded["ref"]
-    errors = [i for i, s in enumerate(statuses) if s == ERROR]
-    if errors:
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise SftlabError(f"{refs[first]}: {details[first]}{more}; fix or remove the sample")
-    for status, detail, ref in zip(statuses, details, refs):
-        report.add(status, ref, detail)
+    # Statuses are counted in Arrow; only the few named problem rows are read into Python.
+    status = encoded.data.column("status")
+    report = DataReport(Counter({c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(status)}))
+    if report.counts[ERROR]:
+        first = encoded[pc.index(status, ERROR).as_py()]
+        more = f" (and {report.counts[ERROR] - 1} more)" if report.counts[ERROR] > 1 else ""
+        raise SftlabError(f"{first['ref']}: {first['detail']}{more}; fix or remove the sample")
+    for name in report.counts:
+        if name not in TRAINED_STATUSES:
+            for i in pc.indices_nonzero(pc.equal(status, name))[:_NAMED].to_pylist():
+                report.name(name, encoded[i]["ref"], encoded[i]["detail"])
 
-    keep = [i for i, s in enumerate(statuses) if s in TRAINED_STATUSES]
-    if not keep:
+    if not any(report.counts[s] for s in TRAINED_STATUSES):
         raise SftlabError("no sample is left to train on: " + " ".join(report.lines()[1:]).strip())
-    trained = encoded.select(keep).select_columns(["input_ids", "labels"])
+    trained = encoded.filter(lambda s: s in TRAINED_STATUSES, input_columns="status").select_columns(["input_ids", "labels"])
     train, val = _split(trained, cfg.val_size, cfg.seed)
     return Data(train, val, report)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import nullcontext
@@ -30,7 +31,7 @@ def collate(rows: dict[str, list[list[int]]], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Schedule:
     """How samples become optimizer steps. Deterministic in (seed, epoch), so a step number alone
     says which samples it trains on — which is what makes resuming exact."""
@@ -52,10 +53,15 @@ class Schedule:
     def total_steps(self, cfg: SFTConfig) -> int:
         return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
 
+    @functools.lru_cache(maxsize=1)
+    def order(self, epoch: int) -> list[int]:
+        """The shuffled sample order of ``epoch``."""
+        return torch.randperm(self.n_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """Sample indices of each micro-batch this rank runs in optimizer step ``step`` (0-based)."""
         epoch, pos = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.n_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        order = self.order(epoch)
         per_step = self.accumulation * self.world_size
         first = pos * per_step
         group = range(first, min(first + per_step, self.micro_per_epoch))
