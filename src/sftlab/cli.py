@@ -74,7 +74,9 @@ def data_preview(
 
     cfg = load_config(config, overrides or [])
     tokenizer = load_tokenizer(cfg, resolve_model(cfg.model_name_or_path))
-    rows = preview_rows(cfg, tokenizer, n)
+    warnings, rows = preview_rows(cfg, tokenizer, n)
+    for warning in warnings:
+        logging.getLogger("sftlab").warning(warning)
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row, ensure_ascii=False))
@@ -85,7 +87,9 @@ def data_preview(
     console = Console()
     for row in rows:
         trained = sum(label != -100 for label in row["labels"])
-        console.print(Text(f"── {row['ref']} · {row['status']} · {len(row['input_ids'])} tokens, {trained} trained {row['detail']}", style="bold"))
+        console.print(Text(f"── {row['ref']} · {row['status']} · {len(row['input_ids'])} tokens, {trained} trained", style="bold"))
+        for warning in row["warnings"]:
+            console.print(Text(f"   ! {warning}", style="yellow"))
         if console.is_terminal:
             text = Text()
             for tok, label in zip(row["input_ids"], row["labels"]):

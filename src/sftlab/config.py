@@ -44,7 +44,8 @@ class SFTConfig(BaseModel):
     # --- data
     dataset: str | list[str] | None = Field(None, description="Dataset names from dataset_info.json or file paths, comma-separated; several are concatenated.")
     dataset_dir: str = Field("data", description="Directory holding dataset_info.json and the data files.")
-    template: str | None = Field(None, description="Chat template: empty = the tokenizer's own; or a built-in name (chatml, qwen, llama3, default).")
+    template: str | None = Field(None, description="Chat template: empty = the tokenizer's own; or a built-in name (chatml, qwen, llama3, default, …), which replaces it.")
+    default_system: str | None = Field(None, description="System prompt for samples that have none (else the template's own default, if any).")
     cutoff_len: int = Field(2048, ge=8, description="Longest sample in tokens; longer ones lose whole later turns, else are dropped (counted).")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples of each dataset (the first ones).")
     val_size: float = Field(0.0, ge=0.0, description="Validation split: a fraction (< 1) or a number of samples (>= 1), drawn with seed.")

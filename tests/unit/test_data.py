@@ -124,3 +124,22 @@ def test_preview_text_marks_trained_spans_when_piped(tmp_path, tiny_model_dir, a
     assert out.returncode == 0, out.stderr
     assert "<|im_start|>assistant\n[[Hi!<|im_end|>]]" in out.stdout and "[[4<|im_end|>]]" in out.stdout
     assert "sample 0 · kept" in out.stdout
+
+
+def test_preview_json_carries_per_sample_warnings(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "Short?", "input": "", "output": "Yes"}, {"instruction": "Long " * 200, "input": "", "output": "No"}]))
+    cfg = write_config(tmp_path / "c.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(path), cutoff_len=64,
+                       default_system="You answer briefly.")
+    out = subprocess.run([sys.executable, "-m", "sftlab.cli", "data", "preview", str(cfg), "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert rows[0]["status"] == "kept" and rows[0]["warnings"] == []
+    assert rows[1]["status"] == "too_long" and rows[1]["warnings"][0].startswith("not trained: too_long")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert "You answer briefly." in tok.decode(rows[0]["input_ids"])

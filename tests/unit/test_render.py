@@ -139,3 +139,34 @@ def test_builtin_templates_train_answer_and_end_of_turn(name, smol_tokenizer):
     assert e.status == KEPT
     text = tok.decode(trained(e))
     assert "Hello!" in text and "4" in text and "Be brief" not in text and "2+2" not in text
+
+
+def test_default_system_applies_only_where_a_sample_has_none():
+    from sftlab.data.render import with_default_system
+
+    own = [{"role": "system", "content": "Own."}, *SINGLE]
+    assert with_default_system(own, "Default.") == own
+    assert with_default_system(SINGLE, "Default.") == [{"role": "system", "content": "Default."}, *SINGLE]
+    assert with_default_system(SINGLE, None) == SINGLE
+
+
+def test_default_system_replaces_the_templates_own_default(smol_tokenizer):
+    from sftlab.data.render import with_default_system
+
+    e = encode(smol_tokenizer, with_default_system(SINGLE, "You extract JSON."))
+    text = smol_tokenizer.decode(e.input_ids)
+    assert text.startswith("<|im_start|>system\nYou extract JSON.<|im_end|>") and "SmolLM" not in text
+    assert trained(e) == SMOL_4 + SMOL_IM_END
+
+
+def test_template_without_end_of_turn_token_is_warned_about(smol_tokenizer):
+    from sftlab.data.render import template_warnings
+
+    assert template_warnings(smol_tokenizer, end_of_turn_token(smol_tokenizer)) == []
+    tok = smol_tokenizer.__class__.from_pretrained(smol_tokenizer.name_or_path)
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    eot = end_of_turn_token(tok)
+    assert eot is None
+    assert any("no end-of-turn special token" in w for w in template_warnings(tok, eot))
+    e = encode(tok, SINGLE)  # still exact: the span is the whole rendered turn
+    assert e.status == KEPT and tok.decode(trained(e)) == "4\n"

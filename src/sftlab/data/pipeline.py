@@ -18,7 +18,9 @@ from transformers import PreTrainedTokenizerBase
 
 from sftlab.config import SFTConfig
 from sftlab.data.formats import FormatSpec, RowError, to_messages, to_text
-from sftlab.data.render import TRAINED_STATUSES, encode_conversation, encode_text, end_of_turn_token
+from sftlab.data.render import (
+    IGNORE_INDEX, TRAINED_STATUSES, encode_conversation, encode_text, end_of_turn_token, template_warnings, with_default_system,
+)
 from sftlab.data.sources import Source, format_of, load_source, resolve_sources
 from sftlab.errors import SftlabError
 
@@ -59,7 +61,7 @@ class Data:
 
 def _encode_batch(
     batch: dict[str, list], indices: list[int], *, spec: FormatSpec, name: str, tokenizer: PreTrainedTokenizerBase,
-    stage: str, eot: str | None, cutoff_len: int, train_on_prompt: bool, mask_history: bool,
+    stage: str, eot: str | None, cutoff_len: int, train_on_prompt: bool, mask_history: bool, default_system: str | None,
 ) -> dict[str, list]:
     out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": []}
     keys = list(batch)
@@ -70,7 +72,8 @@ def _encode_batch(
             if stage == "pt":
                 encoded = [(ids, list(ids), "kept", "") for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)]
             else:
-                e = encode_conversation(tokenizer, to_messages(row, spec), eot=eot, cutoff_len=cutoff_len,
+                messages = with_default_system(to_messages(row, spec), default_system)
+                e = encode_conversation(tokenizer, messages, eot=eot, cutoff_len=cutoff_len,
                                         train_on_prompt=train_on_prompt, mask_history=mask_history)
                 encoded = [(e.input_ids, e.labels, e.status, e.detail)]
         except RowError as err:
@@ -82,6 +85,11 @@ def _encode_batch(
             out["detail"].append(detail)
             out["ref"].append(ref)
     return out
+
+
+def _encode_options(cfg: SFTConfig, eot: str | None) -> dict[str, Any]:
+    return dict(stage=cfg.stage, eot=eot, cutoff_len=cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
+                mask_history=cfg.mask_history, default_system=cfg.default_system)
 
 
 def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: Source, eot: str | None) -> datasets.Dataset:
@@ -98,8 +106,7 @@ def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: So
         batch_size=256,
         remove_columns=ds.column_names,
         num_proc=workers if workers > 1 and len(ds) >= 256 * workers else None,
-        fn_kwargs=dict(spec=spec, name=source.name, tokenizer=tokenizer, stage=cfg.stage, eot=eot, cutoff_len=cfg.cutoff_len,
-                       train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history),
+        fn_kwargs=dict(spec=spec, name=source.name, tokenizer=tokenizer, **_encode_options(cfg, eot)),
         desc=f"Encoding {source.name}",
     )
 
@@ -110,6 +117,9 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
     Raises SftlabError for any malformed row (naming the first), or when nothing is left to train.
     """
     eot = end_of_turn_token(tokenizer) if cfg.stage == "sft" else None
+    if cfg.stage == "sft":
+        for warning in template_warnings(tokenizer, eot):
+            log.warning(warning)
     parts = [encode_source(cfg, tokenizer, s, eot) for s in resolve_sources(cfg.dataset, cfg.dataset_dir)]
     encoded = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
@@ -142,21 +152,38 @@ def _split(ds: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.D
     return parts["train"], parts["test"]
 
 
-def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` samples as training sees them: ref, messages, input_ids, labels, status."""
+def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """The first ``n`` samples as training sees them, and the template's warnings.
+
+    Each row: ref, status, detail, input_ids, labels, and warnings (e.g. an answer whose
+    end-of-turn token is not trained).
+    """
     eot = end_of_turn_token(tokenizer) if cfg.stage == "sft" else None
+    eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
     rows: list[dict[str, Any]] = []
     for source in resolve_sources(cfg.dataset, cfg.dataset_dir):
         raw = load_source(source)
         spec = format_of(source, raw)
         head = raw.select(range(min(n - len(rows), len(raw))))
         out = _encode_batch(head.to_dict(), list(range(len(head))), spec=spec, name=source.name, tokenizer=tokenizer,
-                            stage=cfg.stage, eot=eot, cutoff_len=cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
-                            mask_history=cfg.mask_history)
+                            **_encode_options(cfg, eot))
         for j, status in enumerate(out["status"]):
             if status == ERROR:
                 raise SftlabError(f"{out['ref'][j]}: {out['detail'][j]}; fix or remove the sample")
-            rows.append({k: out[k][j] for k in ("ref", "status", "detail", "input_ids", "labels")})
+            row = {k: out[k][j] for k in ("ref", "status", "detail", "input_ids", "labels")}
+            row["warnings"] = _sample_warnings(row, eot_id) if cfg.stage == "sft" else []
+            rows.append(row)
         if len(rows) >= n:
             break
-    return rows[:n]
+    return (template_warnings(tokenizer, eot) if cfg.stage == "sft" else []), rows[:n]
+
+
+def _sample_warnings(row: dict[str, Any], eot_id: int | None) -> list[str]:
+    if row["status"] not in TRAINED_STATUSES:
+        return [f"not trained: {row['status']} ({row['detail']})"]
+    labels = row["labels"]
+    ends = [i for i in range(len(labels)) if labels[i] != IGNORE_INDEX and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)]
+    out = [row["detail"]] if row["detail"] else []
+    if eot_id is not None and any(labels[i] != eot_id for i in ends):
+        out.append("an answer's end-of-turn token is not trained")
+    return out

@@ -77,6 +77,35 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     return first[1] if first else None
 
 
+def template_warnings(tokenizer: PreTrainedTokenizerBase, eot: str | None) -> list[str]:
+    """Problems of the tokenizer/template pair that hold for every sample (report them once per run)."""
+    out = []
+    if eot is None:
+        out.append("the chat template writes no end-of-turn special token after an answer, so none is trained and the "
+                   "model may not learn to stop; use a template that ends answers with EOS (e.g. template: default)")
+    bos_id = tokenizer.bos_token_id
+    if bos_id is not None:
+        adds_bos = tokenizer("a")["input_ids"][:1] == [bos_id]
+        try:
+            renders_bos = render(tokenizer, [{"role": "user", "content": "a"}], add_generation_prompt=True).startswith(tokenizer.bos_token)
+        except Exception:  # a template that rejects the probe: nothing to say about BOS
+            renders_bos = None
+        if adds_bos and renders_bos:
+            out.append(f"the tokenizer adds {tokenizer.bos_token} to plain text and the template writes it too: sftlab tokenizes "
+                       "rendered chats without special tokens; at inference do the same (apply_chat_template) or BOS is doubled")
+        elif adds_bos and renders_bos is False:
+            out.append(f"the tokenizer adds {tokenizer.bos_token} to plain text but the chat template does not write it: "
+                       "samples start without BOS, as the template says")
+    return out
+
+
+def with_default_system(messages: Sequence[Message], default_system: str | None) -> list[Message]:
+    """The conversation's own system prompt wins; else ``default_system``; else none (the template may add its own)."""
+    if default_system and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": default_system}, *messages]
+    return list(messages)
+
+
 def assistant_char_spans(
     tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], text: str, eot: str | None
 ) -> list[tuple[int, int]]:
