@@ -50,6 +50,8 @@ class SFTConfig(BaseModel):
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples of each dataset (the first ones).")
     val_size: float = Field(0.0, ge=0.0, description="Validation split: a fraction (< 1) or a number of samples (>= 1), drawn with seed.")
     preprocessing_num_workers: int | None = Field(None, ge=1, description="Processes for tokenization (default: 1).")
+    thinking: Literal["train", "mask", "drop"] = Field("train", description="Reasoning in answers (cot format, reasoning_content, <think> blocks): train it, show it but do not train it, or drop it.")
+    enable_thinking: bool | None = Field(None, description="Passed to templates with a thinking switch (Qwen3); false puts an empty think block in the prompt.")
     train_on_prompt: bool = Field(False, description="Train on every token, prompts included.")
     mask_history: bool = Field(False, description="Train only the last assistant turn of each conversation.")
 

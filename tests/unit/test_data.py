@@ -143,3 +143,12 @@ def test_preview_json_carries_per_sample_warnings(tmp_path, tiny_model_dir):
     assert rows[1]["status"] == "too_long" and rows[1]["warnings"][0].startswith("not trained: too_long")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert "You answer briefly." in tok.decode(rows[0]["input_ids"])
+
+
+@pytest.mark.parametrize("thinking,expected", [("train", "<think>\nTwo and two.\n</think>\n\n4<|im_end|>"), ("mask", "4<|im_end|>")])
+def test_cot_file_through_the_pipeline(tmp_path, tiny_model_dir, thinking, expected):
+    path = tmp_path / "cot.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "thinking": "Two and two.", "answer": "4"}) + "\n")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = build_data(_cfg(tiny_model_dir, dataset=str(path), thinking=thinking), tok).train[0]
+    assert tok.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE_INDEX]) == expected

@@ -1,6 +1,6 @@
 """Dataset rows → the one conversation type: a list of ``{"role", "content"}`` messages.
 
-Roles are ``system``, ``user`` and ``assistant``. Formats and their column/tag mapping follow
+Roles are ``system``, ``user`` and ``assistant``; an assistant message may carry ``reasoning_content``. Formats and their column/tag mapping follow
 LLaMA-Factory's ``dataset_info.json`` (``formatting``, ``columns``, ``tags``); ``openai``,
 ``prompt_completion`` and ``text`` are named formats of their own here.
 """
@@ -12,17 +12,18 @@ from typing import Any
 
 Message = dict[str, str]
 
-FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion", "text")
+FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion", "cot", "text")
 
 _DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"},
     "sharegpt": {"messages": "conversations", "system": "system"},
     "openai": {"messages": "messages", "system": "system"},
     "prompt_completion": {"prompt": "prompt", "completion": "completion", "system": "system"},
+    "cot": {"question": "question", "thinking": "thinking", "answer": "answer", "system": "system"},
     "text": {"prompt": "text"},
 }
 # Columns a row must have, per format (by their logical name).
-_REQUIRED = {"alpaca": ("prompt", "response"), "sharegpt": ("messages",), "openai": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("prompt",)}
+_REQUIRED = {"alpaca": ("prompt", "response"), "sharegpt": ("messages",), "openai": ("messages",), "prompt_completion": ("prompt", "completion"), "cot": ("question", "answer"), "text": ("prompt",)}
 _SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system"}
 _OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
 
@@ -62,6 +63,8 @@ def detect_format(columns: list[str], first_row: dict[str, Any]) -> FormatSpec |
         return FormatSpec("alpaca")
     if {"prompt", "completion"} <= cols:
         return FormatSpec("prompt_completion")
+    if {"question", "answer"} <= cols:
+        return FormatSpec("cot")
     if "text" in cols:
         return FormatSpec("text")
     return None
@@ -93,6 +96,12 @@ def to_messages(row: dict[str, Any], spec: FormatSpec) -> list[Message]:
             messages += _chat_turns(completion, _OPENAI_TAGS, has_system=True)
         else:
             messages.append({"role": "assistant", "content": _text(completion)})
+    elif spec.formatting == "cot":
+        messages.append({"role": "user", "content": _text(row.get(c["question"]))})
+        answer = {"role": "assistant", "content": _text(row.get(c["answer"]))}
+        if thinking := _text(row.get(c["thinking"])):
+            answer["reasoning_content"] = thinking
+        messages.append(answer)
     else:
         raise RowError(f"format '{spec.formatting}' holds plain text, which only stage: pt trains on")
     _check_roles(messages)
@@ -125,7 +134,10 @@ def _chat_turns(turns: Any, tags: dict[str, str], has_system: bool) -> list[Mess
         tag = turn.get(tags["role_tag"])
         if tag not in roles:
             raise RowError(f"turn {i} has role '{tag}'; expected one of {', '.join(repr(r) for r in roles)} (set 'tags' in dataset_info.json)")
-        out.append({"role": roles[tag], "content": _text(turn.get(tags["content_tag"]))})
+        message = {"role": roles[tag], "content": _text(turn.get(tags["content_tag"]))}
+        if roles[tag] == "assistant" and (reasoning := _text(turn.get("reasoning_content"))):
+            message["reasoning_content"] = reasoning
+        out.append(message)
     return out
 
 

@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from sftlab.config import SFTConfig
 from sftlab.data.formats import FormatSpec, RowError, to_messages, to_text
 from sftlab.data.render import (
-    IGNORE_INDEX, TRAINED_STATUSES, encode_conversation, encode_text, end_of_turn_token, template_warnings, with_default_system,
+    IGNORE_INDEX, TRAINED_STATUSES, apply_thinking, encode_conversation, encode_text, end_of_turn_token,
+    renders_reasoning_content, template_warnings, with_default_system,
 )
 from sftlab.data.sources import Source, format_of, load_source, resolve_sources
 from sftlab.errors import SftlabError
@@ -62,6 +63,7 @@ class Data:
 def _encode_batch(
     batch: dict[str, list], indices: list[int], *, spec: FormatSpec, name: str, tokenizer: PreTrainedTokenizerBase,
     stage: str, eot: str | None, cutoff_len: int, train_on_prompt: bool, mask_history: bool, default_system: str | None,
+    thinking: str, native_reasoning: bool, template_kwargs: dict,
 ) -> dict[str, list]:
     out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": []}
     keys = list(batch)
@@ -72,9 +74,9 @@ def _encode_batch(
             if stage == "pt":
                 encoded = [(ids, list(ids), "kept", "") for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)]
             else:
-                messages = with_default_system(to_messages(row, spec), default_system)
-                e = encode_conversation(tokenizer, messages, eot=eot, cutoff_len=cutoff_len,
-                                        train_on_prompt=train_on_prompt, mask_history=mask_history)
+                messages = apply_thinking(with_default_system(to_messages(row, spec), default_system), thinking, native_reasoning)
+                e = encode_conversation(tokenizer, messages, eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
+                                        mask_history=mask_history, mask_thinking=thinking == "mask", template_kwargs=template_kwargs)
                 encoded = [(e.input_ids, e.labels, e.status, e.detail)]
         except RowError as err:
             encoded = [([], [], ERROR, str(err))]
@@ -87,12 +89,16 @@ def _encode_batch(
     return out
 
 
-def _encode_options(cfg: SFTConfig, eot: str | None) -> dict[str, Any]:
-    return dict(stage=cfg.stage, eot=eot, cutoff_len=cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
-                mask_history=cfg.mask_history, default_system=cfg.default_system)
+def _encode_options(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Everything _encode_batch needs besides the rows; the template is probed here, once per run."""
+    sft = cfg.stage == "sft"
+    return dict(stage=cfg.stage, eot=end_of_turn_token(tokenizer) if sft else None, cutoff_len=cfg.cutoff_len,
+                train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history, default_system=cfg.default_system,
+                thinking=cfg.thinking, native_reasoning=sft and renders_reasoning_content(tokenizer),
+                template_kwargs={} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking})
 
 
-def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: Source, eot: str | None) -> datasets.Dataset:
+def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: Source, options: dict[str, Any]) -> datasets.Dataset:
     """One source → encoded rows with columns input_ids, labels, status, detail, ref."""
     ds = load_source(source)
     spec = format_of(source, ds)
@@ -106,7 +112,7 @@ def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: So
         batch_size=256,
         remove_columns=ds.column_names,
         num_proc=workers if workers > 1 and len(ds) >= 256 * workers else None,
-        fn_kwargs=dict(spec=spec, name=source.name, tokenizer=tokenizer, **_encode_options(cfg, eot)),
+        fn_kwargs=dict(spec=spec, name=source.name, tokenizer=tokenizer, **options),
         desc=f"Encoding {source.name}",
     )
 
@@ -116,11 +122,11 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
 
     Raises SftlabError for any malformed row (naming the first), or when nothing is left to train.
     """
-    eot = end_of_turn_token(tokenizer) if cfg.stage == "sft" else None
+    options = _encode_options(cfg, tokenizer)
     if cfg.stage == "sft":
-        for warning in template_warnings(tokenizer, eot):
+        for warning in template_warnings(tokenizer, options["eot"]):
             log.warning(warning)
-    parts = [encode_source(cfg, tokenizer, s, eot) for s in resolve_sources(cfg.dataset, cfg.dataset_dir)]
+    parts = [encode_source(cfg, tokenizer, s, options) for s in resolve_sources(cfg.dataset, cfg.dataset_dir)]
     encoded = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
     # Statuses are counted in Arrow; only the few named problem rows are read into Python.
@@ -158,7 +164,8 @@ def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> 
     Each row: ref, status, detail, input_ids, labels, and warnings (e.g. an answer whose
     end-of-turn token is not trained).
     """
-    eot = end_of_turn_token(tokenizer) if cfg.stage == "sft" else None
+    options = _encode_options(cfg, tokenizer)
+    eot = options["eot"]
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
     rows: list[dict[str, Any]] = []
     for source in resolve_sources(cfg.dataset, cfg.dataset_dir):
@@ -166,7 +173,7 @@ def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> 
         spec = format_of(source, raw)
         head = raw.select(range(min(n - len(rows), len(raw))))
         out = _encode_batch(head.to_dict(), list(range(len(head))), spec=spec, name=source.name, tokenizer=tokenizer,
-                            **_encode_options(cfg, eot))
+                            **options)
         for j, status in enumerate(out["status"]):
             if status == ERROR:
                 raise SftlabError(f"{out['ref'][j]}: {out['detail'][j]}; fix or remove the sample")

@@ -47,8 +47,9 @@ class SpanError(ValueError):
     """The template renders this conversation in a way whose assistant spans cannot be masked exactly."""
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], add_generation_prompt: bool = False, **template_kwargs) -> str:
+    """The chat template's text; ``template_kwargs`` reach the template (e.g. ``enable_thinking``)."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
 
 def special_token_strings(tokenizer: PreTrainedTokenizerBase) -> set[str]:
@@ -99,6 +100,47 @@ def template_warnings(tokenizer: PreTrainedTokenizerBase, eot: str | None) -> li
     return out
 
 
+def renders_reasoning_content(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the template writes an assistant message's ``reasoning_content`` (Qwen3 does, ChatML does not)."""
+    probe = "sftlab-probe-reasoning"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A", "reasoning_content": probe}]
+    try:
+        return probe in render(tokenizer, messages)
+    except Exception:  # a template with unusual requirements: treat as not supporting it
+        return False
+
+
+def split_reasoning(message: Message) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant message: its ``reasoning_content``, or a ``<think>…</think>``
+    block that leads its content (split at the last ``</think>``, as Qwen3's template does)."""
+    content, reasoning = message["content"], message.get("reasoning_content") or ""
+    if not reasoning and "</think>" in content:
+        head, _, content = content.rpartition("</think>")
+        reasoning = head.split("<think>", 1)[-1]
+    return reasoning.strip(), content.strip()
+
+
+def apply_thinking(messages: Sequence[Message], thinking: str, native: bool) -> list[Message]:
+    """Put each answer's reasoning where the template renders it, or drop it (``thinking: drop``).
+
+    ``native``: the template renders ``reasoning_content`` itself; otherwise the reasoning is written
+    into the content as ``<think>\n…\n</think>\n\n`` so that no template silently loses it.
+    """
+    out = []
+    for m in messages:
+        if m["role"] != "assistant" or not (m.get("reasoning_content") or "</think>" in m["content"]):
+            out.append(m)
+            continue
+        reasoning, answer = split_reasoning(m)
+        if thinking == "drop" or not reasoning:
+            out.append({"role": "assistant", "content": answer})
+        elif native:
+            out.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
+        else:
+            out.append({"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"})
+    return out
+
+
 def with_default_system(messages: Sequence[Message], default_system: str | None) -> list[Message]:
     """The conversation's own system prompt wins; else ``default_system``; else none (the template may add its own)."""
     if default_system and not (messages and messages[0]["role"] == "system"):
@@ -107,31 +149,40 @@ def with_default_system(messages: Sequence[Message], default_system: str | None)
 
 
 def assistant_char_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], text: str, eot: str | None
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], text: str, eot: str | None,
+    mask_thinking: bool = False, template_kwargs: dict | None = None,
 ) -> list[tuple[int, int]]:
     """Character spans of ``text`` (the full render) that the model must learn, one per assistant turn.
 
-    Raises SpanError when the template does not render the conversation's prefixes stably.
+    A span starts where the generation prompt ends (so a think block the template writes is trained),
+    or at the answer itself with ``mask_thinking``. Raises SpanError when the template does not render
+    the conversation's prefixes stably.
     """
+    template_kwargs = template_kwargs or {}
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True, **template_kwargs)
         if not text.startswith(prompt):
             raise SpanError(f"turn {i}: the conversation up to this answer renders differently inside the whole conversation")
         start = len(prompt)
-        content = message["content"].strip()
-        content_at = text.find(content, start) if content else start
-        if content_at < 0:
+        reasoning, answer = split_reasoning(message)
+        after_reasoning = start
+        if reasoning and (at := text.find(reasoning, start)) >= 0:  # the answer comes after it (earlier turns may lose it)
+            after_reasoning = at + len(reasoning)
+        answer_at = text.find(answer, after_reasoning) if answer else after_reasoning
+        if answer_at < 0:
             raise SpanError(f"turn {i}: the template changes the answer's text, so it cannot be located")
+        if mask_thinking:
+            start = answer_at
         if eot is not None:
-            end = text.find(eot, content_at + len(content))
+            end = text.find(eot, answer_at + len(answer))
             if end < 0:
                 raise SpanError(f"turn {i}: no end-of-turn token {eot!r} after the answer")
             end += len(eot)
         else:
-            turn = render(tokenizer, messages[: i + 1])
+            turn = render(tokenizer, messages[: i + 1], **template_kwargs)
             if not text.startswith(turn):
                 raise SpanError(f"turn {i}: the conversation up to this answer renders differently inside the whole conversation")
             end = len(turn)
@@ -159,19 +210,22 @@ def encode_conversation(
     cutoff_len: int,
     train_on_prompt: bool = False,
     mask_history: bool = False,
+    mask_thinking: bool = False,
+    template_kwargs: dict | None = None,
 ) -> Encoded:
     """Render and tokenize one conversation; labels are -100 except on trained tokens.
 
     Trained tokens: each assistant turn's answer and its end-of-turn token (only the last turn with
     ``mask_history``; every token with ``train_on_prompt``). Over ``cutoff_len`` tokens, whole later
     turns are dropped (the sample ends after the last assistant turn that fits); if not even the first
-    answer fits, the sample is TOO_LONG and not trained.
+    answer fits, the sample is TOO_LONG and not trained. ``mask_thinking`` leaves reasoning untrained;
+    ``template_kwargs`` go to the template (e.g. ``enable_thinking``).
     """
-    text = render(tokenizer, messages)
+    text = render(tokenizer, messages, **(template_kwargs or {}))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     try:
-        char_spans = assistant_char_spans(tokenizer, messages, text, eot)
+        char_spans = assistant_char_spans(tokenizer, messages, text, eot, mask_thinking, template_kwargs)
         spans = [(_token_index(enc["offset_mapping"], s, len(text)), _token_index(enc["offset_mapping"], e, len(text))) for s, e in char_spans]
     except SpanError as e:
         return Encoded([], [], NOT_PREFIX_STABLE, str(e))
