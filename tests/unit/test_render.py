@@ -129,7 +129,7 @@ def test_template_that_is_not_prefix_stable_is_reported(smol_tokenizer):
     assert e.status == NOT_PREFIX_STABLE and "turn 1" in e.detail and e.input_ids == []
 
 
-@pytest.mark.parametrize("name", ["chatml", "qwen", "default"])  # llama3 needs its own tokens: issue 3
+@pytest.mark.parametrize("name", ["chatml", "qwen", "default"])  # the others need their family's tokens: test_templates.py
 def test_builtin_templates_train_answer_and_end_of_turn(name, smol_tokenizer):
     from sftlab.data.templates import builtin_template
 

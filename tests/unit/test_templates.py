@@ -39,11 +39,11 @@ CASES = {
         {"bos_token": "<bos>", "eos_token": "<eos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
         "Hello!<end_of_turn>4<end_of_turn>",
     ),
-    # no end-of-turn token: the span ends with the answer (the next <|user|> starts the next turn)
+    # sftlab's chatglm3 ends answers with EOS (as ChatGLM3's fine-tuning does), so the model learns to stop
     "chatglm3": (
         "llama3_tokenizer",
         {"eos_token": "</s>", "additional_special_tokens": ["[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]},
-        "\n Hello!\n 4",
+        "\n Hello!</s>\n 4</s>",
     ),
 }
 
@@ -53,9 +53,9 @@ OFFICIAL_RENDER = {
     "mistral": "<s> [INST] Be brief.\n\nHi [/INST] Hello!</s> [INST] 2+2? [/INST] 4</s>",
     "gemma": "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
     "<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n",
-    "chatglm3": "[gMASK]sop<|system|>\n Be brief.<|user|>\n Hi<|assistant|>\n Hello!<|user|>\n 2+2?<|assistant|>\n 4",
+    "chatglm3": "[gMASK]sop<|system|>\n Be brief.<|user|>\n Hi<|assistant|>\n Hello!</s><|user|>\n 2+2?<|assistant|>\n 4</s>",
 }
-END_OF_TURN = {"llama2": "</s>", "mistral": "</s>", "gemma": "<end_of_turn>", "chatglm3": None}
+END_OF_TURN = {"llama2": "</s>", "mistral": "</s>", "gemma": "<end_of_turn>", "chatglm3": "</s>"}
 
 
 def with_template(tokenizer, name, specials=None):

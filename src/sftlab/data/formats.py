@@ -1,31 +1,36 @@
 """Dataset rows → the one conversation type: a list of ``{"role", "content"}`` messages.
 
-Roles are ``system``, ``user`` and ``assistant``; an assistant message may carry ``reasoning_content``. Formats and their column/tag mapping follow
+Roles are ``system``, ``user``, ``assistant`` and ``tool`` (a tool's result); an assistant message
+may carry ``reasoning_content`` and OpenAI-style ``tool_calls``. A row's tool definitions come from
+its ``tools`` column (``to_tools``). Formats and their column/tag mapping follow
 LLaMA-Factory's ``dataset_info.json`` (``formatting``, ``columns``, ``tags``); ``openai``,
 ``prompt_completion`` and ``text`` are named formats of their own here.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, Any]
 
 FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion", "cot", "text")
 
 _DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"},
-    "sharegpt": {"messages": "conversations", "system": "system"},
-    "openai": {"messages": "messages", "system": "system"},
+    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
+    "openai": {"messages": "messages", "system": "system", "tools": "tools"},
     "prompt_completion": {"prompt": "prompt", "completion": "completion", "system": "system"},
     "cot": {"question": "question", "thinking": "thinking", "answer": "answer", "system": "system"},
     "text": {"prompt": "text"},
 }
 # Columns a row must have, per format (by their logical name).
 _REQUIRED = {"alpaca": ("prompt", "response"), "sharegpt": ("messages",), "openai": ("messages",), "prompt_completion": ("prompt", "completion"), "cot": ("question", "answer"), "text": ("prompt",)}
-_SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system"}
-_OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+_SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system",
+                  "observation_tag": "observation", "function_tag": "function_call"}
+_OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system",
+                "observation_tag": "tool", "function_tag": "function_call"}
 
 
 class RowError(ValueError):
@@ -108,6 +113,45 @@ def to_messages(row: dict[str, Any], spec: FormatSpec) -> list[Message]:
     return messages
 
 
+def to_tools(row: dict[str, Any], spec: FormatSpec) -> list[dict] | None:
+    """The row's tool definitions (a list, or a JSON string of one, as LLaMA-Factory stores them), or None."""
+    value = row.get(spec.columns.get("tools", ""))
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError(f"the tools column is not valid JSON ({e.msg})") from None
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise RowError("the tools column must be a list of tool definitions")
+    return [_without_nulls(tool) for tool in value] or None
+
+
+def _without_nulls(value: Any) -> Any:
+    """Drop None values from dicts: Arrow gives every row of a column the union of all rows' keys."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _tool_calls(value: Any) -> list[dict]:
+    """A function_call turn's value (JSON of one call or a list of calls) → OpenAI tool_calls."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError(f"a function_call turn is not valid JSON ({e.msg})") from None
+    calls = value if isinstance(value, list) else [value]
+    if not all(isinstance(c, dict) and "name" in c for c in calls):
+        raise RowError('a function_call turn must be {"name": ..., "arguments": ...} (or a list of them)')
+    return [{"type": "function", "function": {"name": c["name"], "arguments": _without_nulls(c.get("arguments", {}))}} for c in calls]
+
+
 def to_text(row: dict[str, Any], spec: FormatSpec) -> str:
     """Plain text for ``stage: pt``: the text column, or a conversation's contents joined."""
     if spec.formatting == "text":
@@ -126,7 +170,8 @@ def _text(value: Any) -> str:
 def _chat_turns(turns: Any, tags: dict[str, str], has_system: bool) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise RowError("the conversation is empty")
-    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
+             tags["observation_tag"]: "tool", tags["function_tag"]: "function_call"}
     out: list[Message] = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -134,9 +179,16 @@ def _chat_turns(turns: Any, tags: dict[str, str], has_system: bool) -> list[Mess
         tag = turn.get(tags["role_tag"])
         if tag not in roles:
             raise RowError(f"turn {i} has role '{tag}'; expected one of {', '.join(repr(r) for r in roles)} (set 'tags' in dataset_info.json)")
-        message = {"role": roles[tag], "content": _text(turn.get(tags["content_tag"]))}
-        if roles[tag] == "assistant" and (reasoning := _text(turn.get("reasoning_content"))):
-            message["reasoning_content"] = reasoning
+        role = roles[tag]
+        if role == "function_call":  # ShareGPT: a separate turn holding the call
+            out.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(turn.get(tags["content_tag"]))})
+            continue
+        message = {"role": role, "content": _text(turn.get(tags["content_tag"]))}
+        if role == "assistant":
+            if reasoning := _text(turn.get("reasoning_content")):
+                message["reasoning_content"] = reasoning
+            if calls := turn.get("tool_calls"):
+                message["tool_calls"] = [_without_nulls(c) for c in calls]
         out.append(message)
     return out
 

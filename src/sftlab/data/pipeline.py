@@ -17,10 +17,10 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config import SFTConfig
-from sftlab.data.formats import FormatSpec, RowError, to_messages, to_text
+from sftlab.data.formats import FormatSpec, RowError, to_messages, to_text, to_tools
 from sftlab.data.render import (
     IGNORE_INDEX, TRAINED_STATUSES, apply_thinking, encode_conversation, encode_text, end_of_turn_token,
-    renders_reasoning_content, template_warnings, with_default_system,
+    renders_reasoning_content, renders_tools, template_warnings, with_default_system,
 )
 from sftlab.data.sources import Source, format_of, load_source, resolve_sources
 from sftlab.errors import SftlabError
@@ -63,7 +63,7 @@ class Data:
 def _encode_batch(
     batch: dict[str, list], indices: list[int], *, spec: FormatSpec, name: str, tokenizer: PreTrainedTokenizerBase,
     stage: str, eot: str | None, cutoff_len: int, train_on_prompt: bool, mask_history: bool, default_system: str | None,
-    thinking: str, native_reasoning: bool, template_kwargs: dict,
+    thinking: str, native_reasoning: bool, native_tools: bool, template_kwargs: dict,
 ) -> dict[str, list]:
     out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": []}
     keys = list(batch)
@@ -75,8 +75,13 @@ def _encode_batch(
                 encoded = [(ids, list(ids), "kept", "") for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)]
             else:
                 messages = apply_thinking(with_default_system(to_messages(row, spec), default_system), thinking, native_reasoning)
+                tools = to_tools(row, spec)
+                if (tools or any("tool_calls" in m for m in messages)) and not native_tools:
+                    raise RowError("the chat template cannot render tools or tool calls, so they would be lost; "
+                                   "use the model's own template if it has tool support, or a model that has one")
+                kwargs = {**template_kwargs, "tools": tools} if tools else template_kwargs
                 e = encode_conversation(tokenizer, messages, eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
-                                        mask_history=mask_history, mask_thinking=thinking == "mask", template_kwargs=template_kwargs)
+                                        mask_history=mask_history, mask_thinking=thinking == "mask", template_kwargs=kwargs)
                 encoded = [(e.input_ids, e.labels, e.status, e.detail)]
         except RowError as err:
             encoded = [([], [], ERROR, str(err))]
@@ -95,6 +100,7 @@ def _encode_options(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> dict[
     return dict(stage=cfg.stage, eot=end_of_turn_token(tokenizer) if sft else None, cutoff_len=cfg.cutoff_len,
                 train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history, default_system=cfg.default_system,
                 thinking=cfg.thinking, native_reasoning=sft and renders_reasoning_content(tokenizer),
+                native_tools=sft and renders_tools(tokenizer),
                 template_kwargs={} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking})
 
 

@@ -132,13 +132,29 @@ def apply_thinking(messages: Sequence[Message], thinking: str, native: bool) -> 
             out.append(m)
             continue
         reasoning, answer = split_reasoning(m)
+        rest = {k: v for k, v in m.items() if k not in ("content", "reasoning_content")}  # e.g. tool_calls
         if thinking == "drop" or not reasoning:
-            out.append({"role": "assistant", "content": answer})
+            out.append({**rest, "content": answer})
         elif native:
-            out.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
+            out.append({**rest, "content": answer, "reasoning_content": reasoning})
         else:
-            out.append({"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"})
+            out.append({**rest, "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"})
     return out
+
+
+_PROBE_TOOL = {"type": "function", "function": {"name": "sftlab_probe_tool", "description": "probe",
+                                                 "parameters": {"type": "object", "properties": {}}}}
+
+
+def renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the template writes both tool definitions and an assistant's tool_calls (Qwen3 does, ChatML does not)."""
+    call = {"type": "function", "function": {"name": "sftlab_probe_call", "arguments": {}}}
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    try:
+        text = render(tokenizer, messages, tools=[_PROBE_TOOL])
+    except Exception:  # templates that reject tools outright
+        return False
+    return "sftlab_probe_tool" in text and "sftlab_probe_call" in text
 
 
 def with_default_system(messages: Sequence[Message], default_system: str | None) -> list[Message]:

@@ -22,6 +22,9 @@ def load_tokenizer(cfg: SFTConfig, model_dir: Path) -> PreTrainedTokenizerBase:
     and labels, so reusing EOS as pad never hides a trained EOS.
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    if not tokenizer.is_fast:  # labels are placed through character offsets, which only fast tokenizers give
+        raise SftlabError(f"{model_dir}: the tokenizer ({type(tokenizer).__name__}) has no fast version with offsets, "
+                          "which exact label masking needs; convert it to a tokenizer.json (tokenizers library)")
     if cfg.stage == "sft":
         tokenizer.chat_template = resolve_template(cfg.template, tokenizer.chat_template)
     if tokenizer.pad_token_id is None:
