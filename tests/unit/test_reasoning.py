@@ -68,3 +68,14 @@ def test_cot_format_with_mapped_columns():
     detected = detect_format(["question", "thinking", "answer"], {})
     assert detected.formatting == "cot"
     assert to_messages({"question": "2+2?", "answer": "4"}, detected) == [COT[0], {"role": "assistant", "content": "4"}]
+
+
+def test_earlier_reasoning_that_qwen3_drops_from_history_is_still_trained(qwen_tokenizer):
+    from sftlab.data.render import encode_sample
+
+    chat = [*COT, {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": "3 plus 3 makes 6"}]
+    main, view = encode_sample(qwen_tokenizer, apply_thinking(chat, "train", True), eot=end_of_turn_token(qwen_tokenizer), cutoff_len=512)
+    decode = lambda e: qwen_tokenizer.decode([i for i, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX])  # noqa: E731
+    assert "2 plus 2 makes 4" not in qwen_tokenizer.decode(main.input_ids)  # the history view drops it...
+    assert decode(main) == "<think>\n3 plus 3 makes 6\n</think>\n\n6<|im_end|>"
+    assert decode(view) == "<think>\n2 plus 2 makes 4\n</think>\n\n4<|im_end|>"  # ...its own view trains it

@@ -77,14 +77,28 @@ def test_qwen_single_turn_trains_the_think_block_it_will_generate(qwen_tokenizer
     assert trained(encode(qwen_tokenizer, SINGLE)) == QWEN_EMPTY_THINK + QWEN_4 + QWEN_IM_END
 
 
-def test_qwen_multi_turn_history_answer_has_no_think_block(qwen_tokenizer):
-    # Qwen3 drops <think> from earlier turns: the history answer is trained as rendered there.
-    e = encode(qwen_tokenizer, MULTI)
-    assert trained(e) == QWEN_HELLO + QWEN_IM_END + QWEN_EMPTY_THINK + QWEN_4 + QWEN_IM_END
+def test_qwen_multi_turn_trains_each_answer_as_generated(qwen_tokenizer):
+    # Qwen3 drops <think> from earlier answers once later turns follow. The model generated "Hello!"
+    # with a think block, so it is trained in its own view, and left untrained in the full conversation.
+    from sftlab.data.render import VIEW, encode_sample
+
+    main, view = encode_sample(qwen_tokenizer, MULTI, eot=end_of_turn_token(qwen_tokenizer), cutoff_len=512)
+    assert main.status == KEPT and main.rewritten == (2,)
+    assert trained(main) == QWEN_EMPTY_THINK + QWEN_4 + QWEN_IM_END
+    assert view.status == VIEW and "turn 2" in view.detail
+    assert view.input_ids == list(qwen_tokenizer.apply_chat_template(MULTI[:3], tokenize=True, return_dict=True)["input_ids"])
+    assert trained(view) == QWEN_EMPTY_THINK + QWEN_HELLO + QWEN_IM_END
+
+
+def test_templates_that_keep_history_get_no_extra_views(smol_tokenizer):
+    from sftlab.data.render import encode_sample
+
+    assert len(encode_sample(smol_tokenizer, MULTI, eot=end_of_turn_token(smol_tokenizer), cutoff_len=512)) == 1
 
 
 def test_qwen_mask_history(qwen_tokenizer):
-    assert trained(encode(qwen_tokenizer, MULTI, mask_history=True)) == QWEN_EMPTY_THINK + QWEN_4 + QWEN_IM_END
+    e = encode(qwen_tokenizer, MULTI, mask_history=True)
+    assert trained(e) == QWEN_EMPTY_THINK + QWEN_4 + QWEN_IM_END and e.rewritten == ()  # no views needed
 
 
 def test_cutoff_drops_whole_later_turns(smol_tokenizer):

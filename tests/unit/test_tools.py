@@ -7,7 +7,7 @@ import pytest
 from sftlab.config import load_config
 from sftlab.data.formats import FormatSpec, RowError, to_messages, to_tools
 from sftlab.data.pipeline import build_data
-from sftlab.data.render import IGNORE_INDEX, encode_conversation, end_of_turn_token, renders_tools
+from sftlab.data.render import IGNORE_INDEX, encode_sample, end_of_turn_token, renders_tools
 from sftlab.errors import SftlabError
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -19,8 +19,10 @@ CHAT = [
     {"role": "tool", "content": "18C sunny"},
     {"role": "assistant", "content": "It is 18C and sunny."},
 ]
-QWEN_TRAINED = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
-                "<think>\n\n</think>\n\nIt is 18C and sunny.<|im_end|>")
+# Qwen3 writes a think block before an answer generated last, and drops it once later turns follow:
+# the call is trained in its own view, as generated; the full conversation trains the final answer.
+QWEN_CALL = '<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+QWEN_ANSWER = "<think>\n\n</think>\n\nIt is 18C and sunny.<|im_end|>"
 
 
 def trained_text(tok, e):
@@ -32,10 +34,12 @@ def test_tool_support_is_probed(qwen_tokenizer, smol_tokenizer):
 
 
 def test_qwen3_trains_the_call_and_the_answer_never_the_tool_result(qwen_tokenizer):
-    e = encode_conversation(qwen_tokenizer, CHAT, eot=end_of_turn_token(qwen_tokenizer), cutoff_len=2048, template_kwargs={"tools": TOOLS})
-    assert e.status == "kept"
+    e, view = encode_sample(qwen_tokenizer, CHAT, eot=end_of_turn_token(qwen_tokenizer), cutoff_len=2048, template_kwargs={"tools": TOOLS})
+    assert e.status == "kept" and view.status == "view"
     assert e.input_ids == list(qwen_tokenizer.apply_chat_template(CHAT, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"])
-    assert trained_text(qwen_tokenizer, e) == QWEN_TRAINED
+    assert view.input_ids == list(qwen_tokenizer.apply_chat_template(CHAT[:2], tools=TOOLS, tokenize=True, return_dict=True)["input_ids"])
+    assert trained_text(qwen_tokenizer, e) == QWEN_ANSWER and trained_text(qwen_tokenizer, view) == QWEN_CALL
+    assert "18C sunny<" not in trained_text(qwen_tokenizer, e) + trained_text(qwen_tokenizer, view)
     prompt = qwen_tokenizer.decode(e.input_ids)
     assert "# Tools" in prompt and '"description": "Weather in a city"' in prompt  # definitions rendered, untrained
 
@@ -80,8 +84,10 @@ def _tool_file(tmp_path):
 
 def test_tool_data_through_the_pipeline(tmp_path, qwen_tokenizer):
     cfg = load_config(None, [], model_name_or_path="qwen", dataset=str(_tool_file(tmp_path)))
-    row = build_data(cfg, qwen_tokenizer).train[0]
-    assert qwen_tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE_INDEX]) == QWEN_TRAINED
+    data = build_data(cfg, qwen_tokenizer)
+    assert data.report.counts == {"kept": 1, "view": 1} and data.report.lines()[0] == "1 of 1 samples will be trained"
+    decoded = [qwen_tokenizer.decode([t for t, l in zip(r["input_ids"], r["labels"]) if l != IGNORE_INDEX]) for r in data.train]
+    assert decoded == [QWEN_ANSWER, QWEN_CALL]
 
 
 def test_template_without_tool_support_is_an_error_not_a_silent_loss(tmp_path, smol_tokenizer):

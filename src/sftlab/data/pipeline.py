@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from sftlab.config import SFTConfig
 from sftlab.data.formats import FormatSpec, RowError, to_messages, to_text, to_tools
 from sftlab.data.render import (
-    IGNORE_INDEX, TRAINED_STATUSES, apply_thinking, encode_conversation, encode_text, end_of_turn_token,
+    IGNORE_INDEX, KEPT, TRAINED_STATUSES, VIEW, apply_thinking, encode_sample, encode_text, end_of_turn_token,
     renders_reasoning_content, renders_tools, template_warnings, with_default_system,
 )
 from sftlab.data.sources import Source, format_of, load_source, resolve_sources
@@ -43,13 +43,16 @@ class DataReport:
         self.examples.setdefault(status, []).append(f"{ref} ({detail})" if detail else ref)
 
     def lines(self) -> list[str]:
-        total = sum(self.counts.values())
-        trained = sum(self.counts[s] for s in TRAINED_STATUSES)
+        views = self.counts[VIEW]
+        total = sum(self.counts.values()) - views
+        trained = sum(self.counts[s] for s in TRAINED_STATUSES) - views
         out = [f"{trained} of {total} samples will be trained"]
+        if views:
+            out.append(f"  +{views} views: answers the template rewrites once later turns follow (e.g. drops <think>), "
+                       "each trained as the model generates it")
         for status, n in sorted(self.counts.items()):
-            if status == "kept":
-                continue
-            out.append(f"  {status}: {n} — e.g. " + "; ".join(self.examples.get(status, [])))
+            if status not in ("kept", VIEW):
+                out.append(f"  {status}: {n} — e.g. " + "; ".join(self.examples.get(status, [])))
         return out
 
 
@@ -80,9 +83,9 @@ def _encode_batch(
                     raise RowError("the chat template cannot render tools or tool calls, so they would be lost; "
                                    "use the model's own template if it has tool support, or a model that has one")
                 kwargs = {**template_kwargs, "tools": tools} if tools else template_kwargs
-                e = encode_conversation(tokenizer, messages, eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
+                samples = encode_sample(tokenizer, messages, eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
                                         mask_history=mask_history, mask_thinking=thinking == "mask", template_kwargs=kwargs)
-                encoded = [(e.input_ids, e.labels, e.status, e.detail)]
+                encoded = [(e.input_ids, e.labels, e.status, e.detail) for e in samples]
         except RowError as err:
             encoded = [([], [], ERROR, str(err))]
         for ids, labels, status, detail in encoded:
@@ -143,7 +146,7 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
         more = f" (and {report.counts[ERROR] - 1} more)" if report.counts[ERROR] > 1 else ""
         raise SftlabError(f"{first['ref']}: {first['detail']}{more}; fix or remove the sample")
     for name in report.counts:
-        if name not in TRAINED_STATUSES:
+        if name not in (KEPT, VIEW):
             for i in pc.indices_nonzero(pc.equal(status, name))[:_NAMED].to_pylist():
                 report.name(name, encoded[i]["ref"], encoded[i]["detail"])
 

@@ -29,10 +29,11 @@ IGNORE_INDEX = -100
 # Status of an encoded sample. Only KEPT and TURNS_DROPPED are trained.
 KEPT = "kept"
 TURNS_DROPPED = "turns_dropped"
+VIEW = "view"  # an extra sample: one answer that the template rewrites in history, trained as the last turn
 TOO_LONG = "too_long"
 NOT_PREFIX_STABLE = "not_prefix_stable"
 NO_TRAINABLE = "no_trainable"
-TRAINED_STATUSES = (KEPT, TURNS_DROPPED)
+TRAINED_STATUSES = (KEPT, TURNS_DROPPED, VIEW)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Encoded:
     labels: list[int]
     status: str
     detail: str = ""
+    rewritten: tuple[int, ...] = ()  # assistant turns left untrained here: the template renders them differently as history
 
 
 class SpanError(ValueError):
@@ -167,12 +169,15 @@ def with_default_system(messages: Sequence[Message], default_system: str | None)
 def assistant_char_spans(
     tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], text: str, eot: str | None,
     mask_thinking: bool = False, template_kwargs: dict | None = None,
-) -> list[tuple[int, int]]:
-    """Character spans of ``text`` (the full render) that the model must learn, one per assistant turn.
+) -> list[tuple[int, int, bool]]:
+    """Character spans of ``text`` (the full render) that the model must learn, one per assistant turn:
+    (start, end, as_generated). ``as_generated`` is false when the template renders that answer
+    differently once later turns follow (Qwen3 drops its <think> block): the span then shows the
+    answer as history, not as the model generates it.
 
     A span starts where the generation prompt ends (so a think block the template writes is trained),
-    or at the answer itself with ``mask_thinking``. Raises SpanError when the template does not render
-    the conversation's prefixes stably.
+    or at the answer itself with ``mask_thinking``. Raises SpanError when the conversation up to an
+    answer does not render as a prefix of the whole.
     """
     template_kwargs = template_kwargs or {}
     spans = []
@@ -192,17 +197,16 @@ def assistant_char_spans(
             raise SpanError(f"turn {i}: the template changes the answer's text, so it cannot be located")
         if mask_thinking:
             start = answer_at
+        turn = render(tokenizer, messages[: i + 1], **template_kwargs)
+        as_generated = text.startswith(turn)
         if eot is not None:
             end = text.find(eot, answer_at + len(answer))
             if end < 0:
                 raise SpanError(f"turn {i}: no end-of-turn token {eot!r} after the answer")
             end += len(eot)
         else:
-            turn = render(tokenizer, messages[: i + 1], **template_kwargs)
-            if not text.startswith(turn):
-                raise SpanError(f"turn {i}: the conversation up to this answer renders differently inside the whole conversation")
-            end = len(turn)
-        spans.append((start, end))
+            end = len(turn) if as_generated else start  # a rewritten turn is trained in its own view
+        spans.append((start, end, as_generated))
     return spans
 
 
@@ -242,9 +246,11 @@ def encode_conversation(
     ids: list[int] = enc["input_ids"]
     try:
         char_spans = assistant_char_spans(tokenizer, messages, text, eot, mask_thinking, template_kwargs)
-        spans = [(_token_index(enc["offset_mapping"], s, len(text)), _token_index(enc["offset_mapping"], e, len(text))) for s, e in char_spans]
+        offsets = enc["offset_mapping"]
+        spans = [(_token_index(offsets, s, len(text)), _token_index(offsets, e, len(text)), ok) for s, e, ok in char_spans]
     except SpanError as e:
         return Encoded([], [], NOT_PREFIX_STABLE, str(e))
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
     status, detail = KEPT, ""
     if len(ids) > cutoff_len:
@@ -252,20 +258,39 @@ def encode_conversation(
         if not fitting:
             return Encoded([], [], TOO_LONG, f"{len(ids)} tokens; the first answer ends at token {spans[0][1]} > cutoff_len {cutoff_len}")
         dropped = len(spans) - len(fitting)
-        spans, ids = fitting, ids[: fitting[-1][1]]
+        spans, ids, assistant_turns = fitting, ids[: fitting[-1][1]], assistant_turns[: len(fitting)]
         # dropped == 0: only template text after the last end-of-turn token (e.g. a newline) was cut
         if dropped:
             status, detail = TURNS_DROPPED, f"{dropped} later assistant turn(s) dropped to fit cutoff_len {cutoff_len}"
 
+    rewritten: tuple[int, ...] = ()
     if train_on_prompt:
         labels = list(ids)
     else:
         labels = [IGNORE_INDEX] * len(ids)
-        for s, e in spans[-1:] if mask_history else spans:
-            labels[s:e] = ids[s:e]
+        chosen = list(zip(assistant_turns, spans))[-1:] if mask_history else list(zip(assistant_turns, spans))
+        # the last kept answer is always shown as generated: nothing follows it
+        rewritten = tuple(turn for turn, (_, _, ok) in chosen[:-1] if not ok)
+        for turn, (s, e, _) in chosen:
+            if turn not in rewritten:
+                labels[s:e] = ids[s:e]
     if all(label == IGNORE_INDEX for label in labels):
-        return Encoded([], [], NO_TRAINABLE, "no token is trained (empty answers and no end-of-turn token)")
-    return Encoded(ids, labels, status, detail)
+        return Encoded([], [], NO_TRAINABLE, "no token is trained (empty answers and no end-of-turn token)", rewritten)
+    return Encoded(ids, labels, status, detail, rewritten)
+
+
+def encode_sample(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], **kw) -> list[Encoded]:
+    """A conversation as training samples: the conversation itself, plus one VIEW per answer that the
+    template rewrites in history — ``messages[:i+1]`` with only that answer trained, so every answer
+    is learnt exactly as the model generates it. Keyword arguments are those of encode_conversation."""
+    main = encode_conversation(tokenizer, messages, **kw)
+    views = []
+    for turn in main.rewritten:
+        view = encode_conversation(tokenizer, messages[: turn + 1], **{**kw, "mask_history": True})
+        if view.status in (KEPT, TURNS_DROPPED):
+            view.status, view.detail = VIEW, f"turn {turn} as generated"
+        views.append(view)
+    return [main, *views]
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, cutoff_len: int) -> list[list[int]]:
