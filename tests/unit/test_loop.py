@@ -91,3 +91,11 @@ def test_schedule_shards_a_step_across_ranks():
     r0, r1 = s.micro_batches(0, 0), s.micro_batches(0, 1)
     assert len(r0) == len(r1) == 2
     assert not set(i for mb in r0 for i in mb) & set(i for mb in r1 for i in mb)
+
+
+def test_pad_equal_to_eos_never_masks_a_trained_eos():
+    # SmolLM2's pad token is its EOS (<|im_end|>, id 2): padding is placed by position, so the
+    # trained EOS keeps its label.
+    batch = collate({"input_ids": [[5, 6, 2], [5, 2]], "labels": [[IGNORE_INDEX, 6, 2], [IGNORE_INDEX, 2]]}, pad_id=2)
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 2], [IGNORE_INDEX, 2, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

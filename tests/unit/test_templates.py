@@ -139,3 +139,24 @@ def test_every_builtin_is_prefix_stable_and_trains_exactly_the_answers(name, req
     text = tok.decode(trained(e))
     assert text == expected  # each answer and its end marker; nothing of the system or user turns
     assert "Hello!" in text and "4" in text and "Be brief" not in text and "Hi" not in text and "2+2" not in text
+
+
+def test_builtin_replaces_the_tokenizers_own_template_with_a_warning(smol_tokenizer, caplog):
+    from sftlab.data.templates import resolve_template
+
+    with caplog.at_level("WARNING"):
+        assert resolve_template("llama3", smol_tokenizer.chat_template) == builtin_template("llama3")
+    assert "template: llama3 replaces the tokenizer's own chat template" in caplog.text
+    caplog.clear()
+    assert resolve_template(None, smol_tokenizer.chat_template) == smol_tokenizer.chat_template and not caplog.text
+
+
+def test_bos_added_by_the_tokenizer_and_written_by_the_template_is_warned_about(llama3_tokenizer):
+    from sftlab.data.render import template_warnings
+
+    tok = with_template(llama3_tokenizer, "llama3")
+    assert tok("a")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds <|begin_of_text|> to plain text
+    warnings = template_warnings(tok, end_of_turn_token(tok))
+    assert len(warnings) == 1 and "template writes it too" in warnings[0]
+    e = encode(tok, SINGLE)
+    assert e.input_ids.count(tok.bos_token_id) == 1  # and sftlab itself does not double it
