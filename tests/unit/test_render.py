@@ -106,8 +106,15 @@ def test_cutoff_drops_whole_later_turns(smol_tokenizer):
     cut = encode(smol_tokenizer, MULTI, cutoff_len=len(full.input_ids) - 2)  # cuts into the last answer
     assert cut.status == TURNS_DROPPED and "1 later assistant turn" in cut.detail
     assert trained(cut) == SMOL_HELLO + SMOL_IM_END
-    assert cut.input_ids[-1] == SMOL_IM_END[0]  # ends on the kept answer's end-of-turn token
-    assert cut.input_ids == full.input_ids[: len(cut.input_ids)]
+    # exactly the template's own rendering of the shorter conversation
+    assert cut.input_ids == list(smol_tokenizer.apply_chat_template(MULTI[:3], tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_cutoff_renders_the_kept_last_answer_as_generated(qwen_tokenizer):
+    full = encode(qwen_tokenizer, MULTI)
+    cut = encode(qwen_tokenizer, MULTI, cutoff_len=len(full.input_ids) - 2)
+    assert cut.status == TURNS_DROPPED and cut.rewritten == ()
+    assert trained(cut) == QWEN_EMPTY_THINK + QWEN_HELLO + QWEN_IM_END  # as Qwen3 generates it, think block included
 
 
 def test_cutoff_that_only_cuts_trailing_template_text_keeps_every_turn(smol_tokenizer):

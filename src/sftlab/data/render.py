@@ -8,7 +8,9 @@ from the template itself, no ``{% generation %}`` markers needed:
   that text must be a prefix of the full render, or the sample is reported as not prefix-stable;
 * it ends with the template's end-of-turn token (found once by probing the template) that
   follows the answer's text, so the stop token is trained and trailing whitespace is not.
-  Templates with no end-of-turn token end the span where ``render(messages[:i+1])`` ends.
+  Templates with no end-of-turn token end the span where ``render(messages[:i+1])`` ends;
+* an answer the template renders differently once later turns follow (Qwen3 drops ``<think>``) is
+  trained in a view of its own, ``messages[:i+1]``, exactly as the model generates it.
 
 Char spans become token spans through the offsets of one tokenization of the full text; a span
 boundary inside a token is reported, never rounded. The full text is tokenized with
@@ -26,7 +28,7 @@ from sftlab.data.formats import Message
 
 IGNORE_INDEX = -100
 
-# Status of an encoded sample. Only KEPT and TURNS_DROPPED are trained.
+# Status of an encoded sample; only TRAINED_STATUSES are trained.
 KEPT = "kept"
 TURNS_DROPPED = "turns_dropped"
 VIEW = "view"  # an extra sample: one answer that the template rewrites in history, trained as the last turn
@@ -60,15 +62,22 @@ def special_token_strings(tokenizer: PreTrainedTokenizerBase) -> set[str]:
     return specials
 
 
+def _probe(tokenizer: PreTrainedTokenizerBase, messages: list[Message], **kw) -> str | None:
+    """Render a probe conversation; None when the template rejects it (templates may demand more)."""
+    try:
+        return render(tokenizer, messages, **kw)
+    except Exception:  # jinja2 errors and template-raised exceptions alike
+        return None
+
+
 def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The special token the template writes after an assistant answer (``<|im_end|>``, ``<|eot_id|>``, EOS…).
 
     Found by rendering a probe conversation; None when the template writes no special token there.
     """
     probe = "sftlab-probe-answer"
-    try:
-        text = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}])
-    except Exception:  # a template with unusual requirements: fall back to the full-turn span
+    text = _probe(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}])
+    if text is None:  # then spans end where the whole turn's render ends
         return None
     after = text[text.rfind(probe) + len(probe):]
     specials = special_token_strings(tokenizer)
@@ -89,10 +98,8 @@ def template_warnings(tokenizer: PreTrainedTokenizerBase, eot: str | None) -> li
     bos_id = tokenizer.bos_token_id
     if bos_id is not None:
         adds_bos = tokenizer("a")["input_ids"][:1] == [bos_id]
-        try:
-            renders_bos = render(tokenizer, [{"role": "user", "content": "a"}], add_generation_prompt=True).startswith(tokenizer.bos_token)
-        except Exception:  # a template that rejects the probe: nothing to say about BOS
-            renders_bos = None
+        text = _probe(tokenizer, [{"role": "user", "content": "a"}], add_generation_prompt=True)
+        renders_bos = None if text is None else text.startswith(tokenizer.bos_token)
         if adds_bos and renders_bos:
             out.append(f"the tokenizer adds {tokenizer.bos_token} to plain text and the template writes it too: sftlab tokenizes "
                        "rendered chats without special tokens; at inference do the same (apply_chat_template) or BOS is doubled")
@@ -106,10 +113,7 @@ def renders_reasoning_content(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the template writes an assistant message's ``reasoning_content`` (Qwen3 does, ChatML does not)."""
     probe = "sftlab-probe-reasoning"
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A", "reasoning_content": probe}]
-    try:
-        return probe in render(tokenizer, messages)
-    except Exception:  # a template with unusual requirements: treat as not supporting it
-        return False
+    return probe in (_probe(tokenizer, messages) or "")
 
 
 def split_reasoning(message: Message) -> tuple[str, str]:
@@ -152,10 +156,7 @@ def renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the template writes both tool definitions and an assistant's tool_calls (Qwen3 does, ChatML does not)."""
     call = {"type": "function", "function": {"name": "sftlab_probe_call", "arguments": {}}}
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    try:
-        text = render(tokenizer, messages, tools=[_PROBE_TOOL])
-    except Exception:  # templates that reject tools outright
-        return False
+    text = _probe(tokenizer, messages, tools=[_PROBE_TOOL]) or ""
     return "sftlab_probe_tool" in text and "sftlab_probe_call" in text
 
 
@@ -252,16 +253,19 @@ def encode_conversation(
         return Encoded([], [], NOT_PREFIX_STABLE, str(e))
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
-    status, detail = KEPT, ""
     if len(ids) > cutoff_len:
-        fitting = [span for span in spans if span[1] <= cutoff_len]
-        if not fitting:
-            return Encoded([], [], TOO_LONG, f"{len(ids)} tokens; the first answer ends at token {spans[0][1]} > cutoff_len {cutoff_len}")
-        dropped = len(spans) - len(fitting)
-        spans, ids, assistant_turns = fitting, ids[: fitting[-1][1]], assistant_turns[: len(fitting)]
-        # dropped == 0: only template text after the last end-of-turn token (e.g. a newline) was cut
-        if dropped:
-            status, detail = TURNS_DROPPED, f"{dropped} later assistant turn(s) dropped to fit cutoff_len {cutoff_len}"
+        if spans[-1][1] <= cutoff_len:  # only template text after the last answer (a newline) is over
+            ids = ids[: spans[-1][1]]
+        else:  # drop whole later turns; re-render, so the new last answer appears as generated
+            options = dict(eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history,
+                           mask_thinking=mask_thinking, template_kwargs=template_kwargs)
+            for k in range(len(assistant_turns) - 2, -1, -1):
+                shorter = encode_conversation(tokenizer, messages[: assistant_turns[k] + 1], **options)
+                if shorter.status == KEPT:
+                    dropped = len(assistant_turns) - 1 - k
+                    shorter.status, shorter.detail = TURNS_DROPPED, f"{dropped} later assistant turn(s) dropped to fit cutoff_len {cutoff_len}"
+                    return shorter
+            return Encoded([], [], TOO_LONG, f"{len(ids)} tokens; the first answer does not fit in cutoff_len {cutoff_len}")
 
     rewritten: tuple[int, ...] = ()
     if train_on_prompt:
@@ -269,14 +273,13 @@ def encode_conversation(
     else:
         labels = [IGNORE_INDEX] * len(ids)
         chosen = list(zip(assistant_turns, spans))[-1:] if mask_history else list(zip(assistant_turns, spans))
-        # the last kept answer is always shown as generated: nothing follows it
-        rewritten = tuple(turn for turn, (_, _, ok) in chosen[:-1] if not ok)
-        for turn, (s, e, _) in chosen:
-            if turn not in rewritten:
+        rewritten = tuple(turn for turn, (_, _, as_generated) in chosen if not as_generated)
+        for turn, (s, e, as_generated) in chosen:
+            if as_generated:
                 labels[s:e] = ids[s:e]
     if all(label == IGNORE_INDEX for label in labels):
         return Encoded([], [], NO_TRAINABLE, "no token is trained (empty answers and no end-of-turn token)", rewritten)
-    return Encoded(ids, labels, status, detail, rewritten)
+    return Encoded(ids, labels, KEPT, "", rewritten)
 
 
 def encode_sample(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], **kw) -> list[Encoded]:
