@@ -69,6 +69,7 @@ class SFTConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm to this (0: no clipping).")
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU with bf16, or a CPU with AVX-512 bf16).")
     fp16: bool = Field(False, description="float16 mixed precision (CUDA GPUs only).")
+    group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding, faster); order stays seeded and resumable.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
 

@@ -56,8 +56,8 @@ def test_train_cli_writes_model_checkpoints_metrics_and_tensorboard(tmp_path, ti
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
-        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= r.keys()
-        assert r["loss"] > 0 and r["tokens_per_s"] > 0
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "trained_tokens_per_s", "peak_memory_gb"} <= r.keys()
+        assert r["loss"] > 0 and r["tokens_per_s"] > r["trained_tokens_per_s"] > 0 and r["peak_memory_gb"] > 0.1
     assert [("eval_loss" in r) for r in records] == [False, True, False, True]
     assert records[-1]["tokens"] > records[0]["tokens"]
 
@@ -91,7 +91,7 @@ def test_builtin_template_is_saved_with_the_model(tmp_path, tiny_model_dir, alpa
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir, alpaca_file):
-    common = dict(max_steps=6, save_steps=3, lora_dropout=0.2, val_size=2, eval_steps=3)
+    common = dict(max_steps=6, save_steps=3, lora_dropout=0.2, val_size=2, eval_steps=3, group_by_length=True)
     full = run_training(load_config(_config(tmp_path / "cfg_a", tiny_model_dir, alpaca_file, output_dir=str(tmp_path / "a"), **common)))
     resumed_dir = tmp_path / "b"
     resumed_dir.mkdir()

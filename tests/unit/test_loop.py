@@ -99,3 +99,24 @@ def test_pad_equal_to_eos_never_masks_a_trained_eos():
     batch = collate({"input_ids": [[5, 6, 2], [5, 2]], "labels": [[IGNORE_INDEX, 6, 2], [IGNORE_INDEX, 2]]}, pad_id=2)
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 2], [IGNORE_INDEX, 2, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_group_by_length_pads_less_and_keeps_every_sample_once():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.randint(5, 20), rng.randint(100, 400)]) for _ in range(1000)]
+    plain = Schedule(1000, 8, 1, 1, seed=0)
+    grouped = Schedule(1000, 8, 1, 1, seed=0, lengths=lengths)
+    steps = plain.steps_per_epoch
+    assert grouped.steps_per_epoch == steps
+
+    def padded(schedule, epoch):
+        batches = [mb for step in range(epoch * steps, (epoch + 1) * steps) for mb in schedule.micro_batches(step, 0)]
+        assert sorted(i for mb in batches for i in mb) == list(range(1000))
+        return sum(len(mb) * max(lengths[i] for i in mb) for mb in batches)
+
+    real = sum(lengths)
+    assert padded(grouped, 0) < 1.15 * real < padded(plain, 0)  # ungrouped wastes far more
+    assert grouped.micro_batches(3, 0) == Schedule(1000, 8, 1, 1, seed=0, lengths=lengths).micro_batches(3, 0)
+    assert padded(grouped, 1) < 1.15 * real and grouped.micro_batches(steps, 0) != grouped.micro_batches(0, 0)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import datasets
@@ -16,6 +15,10 @@ from accelerate import Accelerator
 from sftlab.config import SFTConfig
 from sftlab.data.render import IGNORE_INDEX
 from sftlab.train.checkpoint import TrainState
+from sftlab.train.metrics import peak_memory_gb
+
+
+GROUP_WINDOW = 64  # micro-batches sorted together by group_by_length: bigger = less padding, less randomness
 
 
 def collate(rows: dict[str, list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -31,16 +34,23 @@ def collate(rows: dict[str, list[list[int]]], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Schedule:
     """How samples become optimizer steps. Deterministic in (seed, epoch), so a step number alone
-    says which samples it trains on — which is what makes resuming exact."""
+    says which samples it trains on — which is what makes resuming exact.
+
+    With ``lengths`` (group_by_length), each epoch's shuffled order is cut into windows of
+    ``GROUP_WINDOW`` micro-batches, sorted by length inside each window, and the resulting
+    micro-batches are shuffled: samples of similar length share a batch, so little is padded.
+    """
 
     n_samples: int
     batch_size: int
     accumulation: int
     world_size: int
     seed: int
+    lengths: list[int] | None = None
+    _epoch_batches: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
 
     @property
     def micro_per_epoch(self) -> int:
@@ -53,20 +63,32 @@ class Schedule:
     def total_steps(self, cfg: SFTConfig) -> int:
         return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
 
-    @functools.lru_cache(maxsize=1)
-    def order(self, epoch: int) -> list[int]:
-        """The shuffled sample order of ``epoch``."""
-        return torch.randperm(self.n_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every micro-batch of ``epoch`` (sample indices), in training order; the last epoch's is kept."""
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n_samples, generator=g).tolist()
+            bs = self.batch_size
+            if self.lengths is None:
+                batches = [order[i : i + bs] for i in range(0, self.n_samples, bs)]
+            else:
+                window = bs * GROUP_WINDOW
+                batches = []
+                for i in range(0, self.n_samples, window):
+                    part = sorted(order[i : i + window], key=lambda j: -self.lengths[j])
+                    batches += [part[k : k + bs] for k in range(0, len(part), bs)]
+                batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+            self._epoch_batches = (epoch, batches)
+        return self._epoch_batches[1]
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """Sample indices of each micro-batch this rank runs in optimizer step ``step`` (0-based)."""
         epoch, pos = divmod(step, self.steps_per_epoch)
-        order = self.order(epoch)
+        batches = self.epoch_batches(epoch)
         per_step = self.accumulation * self.world_size
         first = pos * per_step
         group = range(first, min(first + per_step, self.micro_per_epoch))
-        mine = [m for m in group if (m - first) % self.world_size == rank]
-        return [order[m * self.batch_size : (m + 1) * self.batch_size] for m in mine]
+        return [batches[m] for m in group if (m - first) % self.world_size == rank]
 
 
 def _batches(ds: datasets.Dataset, index_lists: list[list[int]], pad_id: int, device: torch.device) -> Iterator[dict]:
@@ -159,7 +181,8 @@ def fit(
         if state.step % cfg.logging_steps == 0 or last:
             elapsed = time.perf_counter() - window_start
             record.update(loss=window_loss / max(window_tokens, 1), lr=lr, grad_norm=float(grad_norm),
-                          tokens=state.tokens, tokens_per_s=window_inputs / max(elapsed, 1e-9))
+                          tokens=state.tokens, tokens_per_s=window_inputs / max(elapsed, 1e-9),
+                          trained_tokens_per_s=window_tokens / max(elapsed, 1e-9), peak_memory_gb=peak_memory_gb(accelerator.device))
             window_loss = window_tokens = window_inputs = 0.0
         if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or last):
             state.eval_loss = evaluate(accelerator, module, eval_ds, cfg.per_device_eval_batch_size, pad_id)

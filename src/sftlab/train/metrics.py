@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import resource
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sftlab.errors import SftlabError
 
 _TB_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
-             "tokens_per_s": "train/tokens_per_s", "eval_loss": "eval/loss"}
+             "tokens_per_s": "train/tokens_per_s", "trained_tokens_per_s": "train/trained_tokens_per_s",
+             "peak_memory_gb": "train/peak_memory_gb", "eval_loss": "eval/loss"}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak RSS elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def require_reporter(report_to: str) -> None:
@@ -22,7 +33,8 @@ def require_reporter(report_to: str) -> None:
 class MetricsWriter:
     """Appends one JSON object per logged step to ``output_dir/metrics.jsonl`` and mirrors it.
 
-    Keys: step, epoch, and any of loss, eval_loss, lr, grad_norm, tokens, tokens_per_s.
+    Keys: step, epoch, and any of loss, eval_loss, lr, grad_norm, tokens, tokens_per_s (all real
+    tokens), trained_tokens_per_s (tokens with a label), peak_memory_gb.
     """
 
     def __init__(self, output_dir: Path, report_to: str, config: dict[str, Any], resume_step: int = 0):

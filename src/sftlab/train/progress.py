@@ -37,9 +37,10 @@ class Progress:
             return
         parts = [f"step {record['step']}", f"epoch {record['epoch']:.2f}"]
         if "loss" in record:
-            parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}", f"{record['tokens_per_s']:.0f} tok/s"]
+            parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
+                      f"{record['tokens_per_s']:.0f} tok/s ({record['trained_tokens_per_s']:.0f} trained)", f"{record['peak_memory_gb']:.1f} GB"]
         if "eval_loss" in record:
             parts.append(f"eval_loss {record['eval_loss']:.4f}")
         if "loss" in record:
             self.bar.update(self.task, info=f"loss {record['loss']:.4f} lr {record['lr']:.1e} {record['tokens_per_s']:.0f} tok/s")
-        self.console.print(" | ".join(parts), highlight=False)
+        self.console.print(" | ".join(parts), highlight=False, soft_wrap=True)  # one line per record, also in log files

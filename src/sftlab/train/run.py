@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -128,7 +129,9 @@ def run_training(cfg: SFTConfig) -> Path:
 
     model = load_model(cfg, model_dir, accelerator.device)
     optimizer = build_optimizer(cfg, model)
-    schedule = Schedule(len(data.train), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
+    lengths = pc.list_value_length(data.train.with_format("arrow")["input_ids"]).to_pylist() if cfg.group_by_length else None
+    schedule = Schedule(len(data.train), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                        accelerator.num_processes, cfg.seed, lengths)
     total = schedule.total_steps(cfg)
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
