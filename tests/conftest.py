@@ -10,6 +10,16 @@ import pytest
 
 SMOL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
+# Conversations the label tests render with every tokenizer family.
+SINGLE = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+MULTI = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
+
 
 def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)

