@@ -51,7 +51,7 @@ class DataReport:
             out.append(f"  +{views} views: answers the template rewrites once later turns follow (e.g. drops <think>), "
                        "each trained as the model generates it")
         for status, n in sorted(self.counts.items()):
-            if status not in ("kept", VIEW):
+            if status not in (KEPT, VIEW):
                 out.append(f"  {status}: {n} — e.g. " + "; ".join(self.examples.get(status, [])))
         return out
 
@@ -75,7 +75,7 @@ def _encode_batch(
         ref = f"{name} sample {index}"
         try:
             if stage == "pt":
-                encoded = [(ids, list(ids), "kept", "") for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)]
+                encoded = [(ids, list(ids), KEPT, "") for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)]
             else:
                 messages = apply_thinking(with_default_system(to_messages(row, spec), default_system), thinking, native_reasoning)
                 tools = to_tools(row, spec)
