@@ -76,21 +76,9 @@ def gpt2_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_dir) -> Path:
     """A 2-layer Llama with SmolLM2's real tokenizer and chat template, random weights (seed 0)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from sftlab.model.assets import tiny_llama
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return tiny_llama(smol_dir, tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 ALPACA_ROWS = [

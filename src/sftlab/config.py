@@ -70,6 +70,10 @@ class SFTConfig(BaseModel):
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU with bf16, or a CPU with AVX-512 bf16).")
     fp16: bool = Field(False, description="float16 mixed precision (CUDA GPUs only).")
     group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding, faster); order stays seeded and resumable.")
+    padding_free: bool = Field(False, description="Lay each micro-batch's samples end to end in one row: no padding computed; attention never crosses samples.")
+    packing: bool = Field(False, description="Pack samples into rows of up to cutoff_len tokens (best-fit decreasing); per_device_train_batch_size then counts rows. Attention never crosses samples, positions restart per sample.")
+    torch_compile: bool = Field(False, description="Compile each decoder layer with torch.compile (slow first steps; pays off on long runs, mostly on GPU).")
+    peak_tflops: float | None = Field(None, gt=0, description="Device peak TFLOP/s for the MFU metric (default: a table of GPUs; on CPU a matmul measured at start).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
 
@@ -108,6 +112,8 @@ class SFTConfig(BaseModel):
             raise ValueError("bf16 and fp16 are both true: choose one")
         if not self.dataset:
             raise ValueError("dataset is empty: name a dataset from dataset_info.json or a data file")
+        if self.packing and self.group_by_length:
+            raise ValueError("packing and group_by_length are both true: packing already fills rows without padding; drop group_by_length")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise ValueError(f"val_size {self.val_size}: use a fraction below 1 or a whole number of samples")
         return self

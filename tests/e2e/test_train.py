@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import write_config
+from conftest import ALPACA_ROWS, write_config
 from sftlab.config import load_config
 from sftlab.train.run import run_training
 
@@ -79,6 +79,26 @@ def test_train_cli_writes_model_checkpoints_metrics_and_tensorboard(tmp_path, ti
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert model.generate(**ids, max_new_tokens=2).shape[1] >= ids["input_ids"].shape[1] + 1
+
+
+def test_padded_padding_free_and_packed_runs_train_the_same_step(tmp_path, tiny_model_dir, alpaca_file):
+    """One optimizer step over every sample: the same loss and token counts whatever the batch layout."""
+    layouts = {"padded": {}, "padding_free": {"padding_free": True}, "packing": {"packing": True}}
+    records = {}
+    for name, over in layouts.items():
+        cfg = load_config(_config(tmp_path / name, tiny_model_dir, alpaca_file, output_dir=str(tmp_path / name / "out"),
+                                  max_steps=-1, num_train_epochs=1, per_device_train_batch_size=len(ALPACA_ROWS),
+                                  finetuning_type="full", **over))
+        out = run_training(cfg)
+        [records[name]] = _metrics(out)
+        assert "sftlab_varlen" not in (out / "config.json").read_text()  # the saved model loads anywhere
+    padded = records["padded"]
+    assert padded["trained_tokens"] > 0 and padded["train_runtime"] > 0 and 0 < padded["mfu"] < 1
+    for name in ("padding_free", "packing"):
+        r = records[name]
+        assert r["loss"] == pytest.approx(padded["loss"], rel=1e-5), name
+        assert r["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4), name
+        assert (r["tokens"], r["trained_tokens"]) == (padded["tokens"], padded["trained_tokens"]), name
 
 
 def test_builtin_template_is_saved_with_the_model(tmp_path, tiny_model_dir, alpaca_file):
@@ -197,3 +217,12 @@ def test_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path, alpaca_file):
     result = _cli("data", "preview", str(cfg), env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "'someone/not-a-cached-model'" in result.stderr and "download it to a directory" in result.stderr
+
+
+def test_torch_compile_trains_lora_on_padding_free_batches_with_the_same_losses(tmp_path, tiny_model_dir, alpaca_file):
+    losses = {}
+    for compiled in (False, True):
+        cfg = load_config(_config(tmp_path / str(compiled), tiny_model_dir, alpaca_file, output_dir=str(tmp_path / str(compiled) / "out"),
+                                  max_steps=2, padding_free=True, torch_compile=compiled))
+        losses[compiled] = [r["loss"] for r in _metrics(run_training(cfg))]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

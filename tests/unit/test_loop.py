@@ -9,7 +9,8 @@ from accelerate import Accelerator
 from sftlab.config import load_config
 from sftlab.data.render import IGNORE_INDEX
 from sftlab.model.load import load_model
-from sftlab.train.loop import Schedule, accumulate_gradients, collate
+from sftlab.data.batching import collate
+from sftlab.train.loop import Schedule, accumulate_gradients
 from sftlab.train.loss import TokenLoss
 
 

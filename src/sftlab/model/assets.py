@@ -134,3 +134,27 @@ def _hub_download(name: str, packaged: PackagedModel | None) -> Path:
             f"model_name_or_path '{name}': not a local path and the Hugging Face Hub could not provide it "
             f"({type(e).__name__}); download it to a directory and point to that{hint}"
         ) from e
+
+
+def tiny_llama(tokenizer_dir: Path, out: Path) -> Path:
+    """A 2-layer Llama (hidden 32) with the tokenizer and chat template of ``tokenizer_dir`` and random
+    weights (seed 0), written atomically to ``out`` unless it is there: for smoke tests and benchmarks."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    LlamaForCausalLM(config).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, out)
+    return out

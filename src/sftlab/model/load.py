@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from sftlab.config import SFTConfig
 from sftlab.data.templates import resolve_template
 from sftlab.errors import SftlabError
+from sftlab.model.attention import attention_implementation
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +33,6 @@ def load_tokenizer(cfg: SFTConfig, model_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def attention_implementation(device: torch.device) -> str:
-    """sdpa everywhere it exists (CPU included); flash-attention 2 is opt-in by installing it on CUDA."""
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
 def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrainedModel:
     """The base model with the fine-tuning method applied: LoRA adapters, frozen layers, or all weights.
 
@@ -56,7 +45,7 @@ def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrai
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             dtype=dtype,
-            attn_implementation=attention_implementation(device),
+            attn_implementation=attention_implementation(device, flat_batches=cfg.packing or cfg.padding_free),
             trust_remote_code=cfg.trust_remote_code,
         )
     except ValueError as e:
@@ -65,7 +54,10 @@ def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrai
         raise
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if cfg.finetuning_type == "lora":
         model = _apply_lora(cfg, model)
@@ -74,6 +66,9 @@ def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrai
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if cfg.torch_compile:  # per layer: small graphs, shared by all layers of the same shape
+        for layer in decoder_layers(model):
+            layer.compile()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)

@@ -14,7 +14,7 @@ from sftlab.errors import SftlabError
 
 _TB_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
              "tokens_per_s": "train/tokens_per_s", "trained_tokens_per_s": "train/trained_tokens_per_s",
-             "peak_memory_gb": "train/peak_memory_gb", "eval_loss": "eval/loss"}
+             "peak_memory_gb": "train/peak_memory_gb", "mfu": "train/mfu", "eval_loss": "eval/loss"}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -34,7 +34,8 @@ class MetricsWriter:
     """Appends one JSON object per logged step to ``output_dir/metrics.jsonl`` and mirrors it.
 
     Keys: step, epoch, and any of loss, eval_loss, lr, grad_norm, tokens, tokens_per_s (all real
-    tokens), trained_tokens_per_s (tokens with a label), peak_memory_gb.
+    tokens), trained_tokens_per_s (tokens with a label), peak_memory_gb, mfu; the last step also
+    train_runtime (seconds in training steps) and trained_tokens.
     """
 
     def __init__(self, output_dir: Path, report_to: str, config: dict[str, Any], resume_step: int = 0):

@@ -39,8 +39,11 @@ class Progress:
         if "loss" in record:
             parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
                       f"{record['tokens_per_s']:.0f} tok/s ({record['trained_tokens_per_s']:.0f} trained)", f"{record['peak_memory_gb']:.1f} GB"]
+            if "mfu" in record:
+                parts.append(f"MFU {100 * record['mfu']:.0f}%")
         if "eval_loss" in record:
             parts.append(f"eval_loss {record['eval_loss']:.4f}")
         if "loss" in record:
-            self.bar.update(self.task, info=f"loss {record['loss']:.4f} lr {record['lr']:.1e} {record['tokens_per_s']:.0f} tok/s")
+            self.bar.update(self.task, info=f"loss {record['loss']:.4f} lr {record['lr']:.1e} {record['tokens_per_s']:.0f} tok/s"
+                            + (f" MFU {100 * record['mfu']:.0f}%" if "mfu" in record else ""))
         self.console.print(" | ".join(parts), highlight=False, soft_wrap=True)  # one line per record, also in log files

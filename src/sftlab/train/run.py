@@ -24,6 +24,7 @@ from sftlab.errors import SftlabError
 from sftlab.model.assets import resolve_model
 from sftlab.model.load import load_model, load_tokenizer
 from sftlab.train.checkpoint import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_model_dir
+from sftlab.train.flops import FlopCounter, peak_flops
 from sftlab.train.loop import Schedule, fit
 from sftlab.train.loss import TokenLoss
 from sftlab.train.metrics import MetricsWriter, require_reporter
@@ -129,9 +130,13 @@ def run_training(cfg: SFTConfig) -> Path:
 
     model = load_model(cfg, model_dir, accelerator.device)
     optimizer = build_optimizer(cfg, model)
-    lengths = pc.list_value_length(data.train.with_format("arrow")["input_ids"]).to_pylist() if cfg.group_by_length else None
+    by_length = cfg.group_by_length or cfg.packing
+    lengths = pc.list_value_length(data.train.with_format("arrow")["input_ids"]).to_pylist() if by_length else None
     schedule = Schedule(len(data.train), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                        accelerator.num_processes, cfg.seed, lengths)
+                        accelerator.num_processes, cfg.seed, lengths, cfg.cutoff_len if cfg.packing else None)
+    if cfg.packing:
+        log.info("packing: %d samples in %d rows of up to %d tokens, %.1f%% of the slots filled",
+                 len(data.train), schedule.n_rows, cfg.cutoff_len, 100 * schedule.packing_efficiency)
     total = schedule.total_steps(cfg)
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
@@ -159,7 +164,8 @@ def run_training(cfg: SFTConfig) -> Path:
                 return stop[0]
 
             state = fit(cfg, accelerator, module, optimizer, scheduler, data.train, data.eval, schedule, state,
-                        tokenizer.pad_token_id, on_log=on_log, on_save=save, on_step=on_step)
+                        tokenizer.pad_token_id, on_log=on_log, on_save=save, on_step=on_step,
+                        flops=FlopCounter.for_model(model), peak_flops=peak_flops(accelerator.device, precision != "no", cfg.peak_tflops))
     finally:
         metrics.close()
     if stop[0]:
