@@ -42,7 +42,7 @@ class FlopCounter:
                    cfg.num_hidden_layers * cfg.num_attention_heads * head_dim, trained / max(total, 1),
                    head is not None and head.weight.requires_grad)
 
-    def step_flops(self, seq_lens: list[int], n_trained: int) -> float:
+    def step_flops(self, seq_lens: list[int], n_trained: float) -> float:
         """FLOPs of forward + backward over samples of ``seq_lens`` tokens with ``n_trained`` labels."""
         linear = 2.0 * self.matmul_params * sum(seq_lens)
         attention = 2.0 * self.attn_width * sum(n * n for n in seq_lens)

@@ -97,6 +97,7 @@ class Schedule:
 
 
 def _sample_lengths(batch: dict) -> list[int]:
+    """Real tokens of each sample in a padded or flat batch."""
     if "cu_seq_lens" in batch:
         return batch["cu_seq_lens"].diff().tolist()
     return batch["attention_mask"].sum(1).tolist()
@@ -130,8 +131,7 @@ def accumulate_gradients(accelerator: Accelerator, module: torch.nn.Module, batc
 
     Returns (summed token loss, trained tokens, input tokens), all over every rank.
     """
-    local = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
-             sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)]
+    local = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), sum(sum(_sample_lengths(b)) for b in batches)]
     n_step, n_inputs = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").tolist()
     step_loss = torch.zeros((), device=accelerator.device)
     for k, batch in enumerate(batches):
@@ -200,10 +200,9 @@ def fit(
         window["trained"] += n_step
         window["inputs"] += n_inputs
         window["time"] += step_time
-        if flops is not None:  # this rank's samples × ranks: the step's FLOPs on all devices
+        if flops is not None:  # this rank's samples × ranks (the head term is exact: linear in n_step)
             lens = [n for b in batches for n in _sample_lengths(b)]
-            local_trained = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            window["flops"] += flops.step_flops(lens, local_trained) * accelerator.num_processes
+            window["flops"] += flops.step_flops(lens, n_step / accelerator.num_processes) * accelerator.num_processes
 
         record: dict = {}
         last = state.step == total_steps

@@ -98,7 +98,7 @@ class TokenLoss(torch.nn.Module):
         """input_ids, labels (and attention_mask or position_ids): [batch, seq]. Returns (loss_sum fp32 scalar, n_tokens int64 scalar)."""
         inputs: dict = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if cu_seq_lens is not None:
-            longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+            longest = int(cu_seq_lens.diff().max())
             # All ones: transformers builds no mask (attention is split by cu_seq_lens instead).
             inputs.update(attention_mask=torch.ones_like(input_ids), cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
                           max_length_q=longest, max_length_k=longest)
