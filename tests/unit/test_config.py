@@ -45,6 +45,11 @@ def test_wrong_type_names_key_and_value():
         load_config(None, ["learning_rate=fast"], model_name_or_path="m", dataset="d")
 
 
+def test_packing_with_group_by_length_says_which_to_drop():
+    with pytest.raises(ConfigError, match="packing and group_by_length are both true: .*drop group_by_length"):
+        load_config(None, ["packing=true", "group_by_length=true"], model_name_or_path="m", dataset="d")
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["lora_rank=4"], model_name_or_path="m", dataset="d")
     path = tmp_path / "c.yaml"
