@@ -33,9 +33,9 @@ LORA_RANK, LORA_ALPHA = 16, 32
 
 # What each run sets on top of the shared settings (its framework's keys).
 SFTLAB_SETTINGS: dict[str, dict[str, Any]] = {
-    "sftlab": {},
-    "sftlab-group_by_length": {"group_by_length": True},
-    "sftlab-padding_free": {"padding_free": True},
+    "sftlab": {},  # every default: padding-free batches on CPU (and on CUDA with flash-attn)
+    "sftlab-padded": {"padding_free": False},
+    "sftlab-group_by_length": {"group_by_length": True},  # padded, length-grouped
     "sftlab-packing": {"packing": True},
 }
 # TRL refuses padding_free with max_length unless packing ("max_length is not enforced"); the data

@@ -39,7 +39,7 @@ CHILD = Path(__file__).resolve().parent / "bench_child.py"
 RUNS = [*TRL_SETTINGS, *SFTLAB_SETTINGS]
 WORKLOADS = ("lora", "full")
 # Runs whose first optimizer step trains the first batch × accum samples of sftlab's epoch-0 order.
-SAME_FIRST_STEP = {"trl-default", "trl-padding_free", "sftlab", "sftlab-padding_free"}
+SAME_FIRST_STEP = {"trl-default", "trl-padding_free", "sftlab", "sftlab-padded"}
 CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 

@@ -70,7 +70,7 @@ class SFTConfig(BaseModel):
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU with bf16, or a CPU with AVX-512 bf16).")
     fp16: bool = Field(False, description="float16 mixed precision (CUDA GPUs only).")
     group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding, faster); order stays seeded and resumable.")
-    padding_free: bool = Field(False, description="Lay each micro-batch's samples end to end in one row: no padding computed; attention never crosses samples.")
+    padding_free: bool | None = Field(None, description="Lay each micro-batch's samples end to end in one row: no padding computed; attention never crosses samples; same loss. null: on, except with group_by_length or on a GPU without flash-attn (there padded batches run one fused sdpa call).")
     packing: bool = Field(False, description="Pack samples into rows of up to cutoff_len tokens (best-fit decreasing); per_device_train_batch_size then counts rows. Attention never crosses samples, positions restart per sample.")
     torch_compile: bool = Field(False, description="Compile each decoder layer with torch.compile (slow first steps; pays off on long runs, mostly on GPU).")
     peak_tflops: float | None = Field(None, gt=0, description="Device peak TFLOP/s for the MFU metric (default: a table of GPUs; on CPU a matmul measured at start).")
@@ -194,8 +194,11 @@ def config_reference() -> str:
         "| key | type | default | meaning |",
         "| --- | --- | --- | --- |",
     ]
+    def cell(text: str) -> str:  # a bare | would end the table cell (GFM)
+        return text.replace("|", "\\|")
+
     for name, field in SFTConfig.model_fields.items():
         ann = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
         default = "required" if field.is_required() else repr(field.default)
-        lines.append(f"| `{name}` | `{ann}` | `{default}` | {field.description} |")
+        lines.append(f"| `{name}` | `{cell(ann)}` | `{cell(default)}` | {cell(field.description)} |")
     return "\n".join(lines) + "\n"

@@ -42,7 +42,8 @@ def test_train_cli_writes_model_checkpoints_metrics_and_tensorboard(tmp_path, ti
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja", "config.yaml"):
         assert (out / name).is_file(), name
     resolved = load_config(out / "config.yaml")
-    assert resolved.lora_dropout == 0.1 and resolved == load_config(cfg_path, ["lora_dropout=0.1"])
+    # every key as given, and the batch layout the run resolved (padding_free: null → true on CPU)
+    assert resolved.lora_dropout == 0.1 and resolved == load_config(cfg_path, ["lora_dropout=0.1", "padding_free=true"])
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary directories left behind"
 
     # checkpoints every save_steps, complete
@@ -83,7 +84,7 @@ def test_train_cli_writes_model_checkpoints_metrics_and_tensorboard(tmp_path, ti
 
 def test_padded_padding_free_and_packed_runs_train_the_same_step(tmp_path, tiny_model_dir, alpaca_file):
     """One optimizer step over every sample: the same loss and token counts whatever the batch layout."""
-    layouts = {"padded": {}, "padding_free": {"padding_free": True}, "packing": {"packing": True}}
+    layouts = {"padded": {"padding_free": False}, "padding_free": {}, "packing": {"packing": True}}
     records = {}
     for name, over in layouts.items():
         cfg = load_config(_config(tmp_path / name, tiny_model_dir, alpaca_file, output_dir=str(tmp_path / name / "out"),
@@ -92,6 +93,7 @@ def test_padded_padding_free_and_packed_runs_train_the_same_step(tmp_path, tiny_
         out = run_training(cfg)
         [records[name]] = _metrics(out)
         assert "sftlab_varlen" not in (out / "config.json").read_text()  # the saved model loads anywhere
+        assert load_config(out / "config.yaml").padding_free is (name != "padded")  # the layout used, resolved
     padded = records["padded"]
     assert padded["trained_tokens"] > 0 and padded["train_runtime"] > 0 and 0 < padded["mfu"] < 1
     for name in ("padding_free", "packing"):

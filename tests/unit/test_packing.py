@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from sftlab.config import load_config
 from sftlab.data.batching import best_fit_decreasing, collate, collate_flat
 from sftlab.data.render import IGNORE_INDEX
-from sftlab.model.attention import VARLEN
+from sftlab.model.attention import VARLEN, use_flat_batches
 from sftlab.model.load import load_model
 from sftlab.train.flops import FlopCounter
 from sftlab.train.loop import Schedule, accumulate_gradients
@@ -149,3 +149,18 @@ def test_flop_count_of_a_known_model(tiny_model_dir):
     linear = 2 * fc.matmul_params * 30
     attention = 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * (10**2 + 20**2)
     assert fc.step_flops([10, 20], n_trained=7) == 3 * linear + 3 * attention + 3 * 2 * fc.head_params * 7
+
+
+@pytest.mark.parametrize(
+    ("packing", "padding_free", "group_by_length", "device", "flat"),
+    [
+        (False, None, False, "cpu", True),  # the default on CPU: padding-free (measured faster, leaner)
+        (False, None, True, "cpu", False),  # group_by_length asks for padded, length-grouped batches
+        (False, None, False, "cuda", False),  # CUDA without flash-attn: one fused sdpa over a padded batch
+        (False, False, False, "cpu", False),
+        (False, True, True, "cuda", True),  # an explicit choice wins
+        (True, False, False, "cpu", True),  # packed rows are always flat
+    ],
+)
+def test_batch_layout_default(packing, padding_free, group_by_length, device, flat):
+    assert use_flat_batches(packing, padding_free, group_by_length, torch.device(device)) is flat

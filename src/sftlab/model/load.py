@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from sftlab.config import SFTConfig
 from sftlab.data.templates import resolve_template
 from sftlab.errors import SftlabError
-from sftlab.model.attention import attention_implementation
+from sftlab.model.attention import attention_implementation, use_flat_batches
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrai
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             dtype=dtype,
-            attn_implementation=attention_implementation(device, flat_batches=cfg.packing or cfg.padding_free),
+            attn_implementation=attention_implementation(device, use_flat_batches(cfg.packing, cfg.padding_free, cfg.group_by_length, device)),
             trust_remote_code=cfg.trust_remote_code,
         )
     except ValueError as e:

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from sftlab.config import SFTConfig
 from sftlab.data.batching import best_fit_decreasing, collate, collate_flat
 from sftlab.data.render import IGNORE_INDEX
+from sftlab.model.attention import use_flat_batches
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.flops import FlopCounter
 from sftlab.train.metrics import peak_memory_gb
@@ -171,7 +172,7 @@ def fit(
     (seconds) and ``trained_tokens`` of this run.
     """
     total_steps = schedule.total_steps(cfg)
-    flat = cfg.packing or cfg.padding_free
+    flat = use_flat_batches(cfg.packing, cfg.padding_free, cfg.group_by_length, accelerator.device)
     params = [p for p in module.parameters() if p.requires_grad]
     window = {"loss": 0.0, "trained": 0, "inputs": 0, "time": 0.0, "flops": 0.0}
     run_time, run_trained = 0.0, 0

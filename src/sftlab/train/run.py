@@ -22,6 +22,7 @@ from sftlab.config import SFTConfig, dump_config
 from sftlab.data.pipeline import build_data
 from sftlab.errors import SftlabError
 from sftlab.model.assets import resolve_model
+from sftlab.model.attention import use_flat_batches
 from sftlab.model.load import load_model, load_tokenizer
 from sftlab.train.checkpoint import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_model_dir
 from sftlab.train.flops import FlopCounter, peak_flops
@@ -117,6 +118,8 @@ def run_training(cfg: SFTConfig) -> Path:
     # Each run sets its own precision; the process group (PartialState) is kept across runs.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=precision)
+    # config.yaml records the batch layout this run used, not "auto"
+    cfg = cfg.model_copy(update={"padding_free": use_flat_batches(cfg.packing, cfg.padding_free, cfg.group_by_length, accelerator.device)})
     set_seed(cfg.seed)
 
     model_dir = resolve_model(cfg.model_name_or_path)
