@@ -54,6 +54,8 @@ def test_detect_format(columns, expected):
     ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, "starts with an assistant turn"),
     ({"messages": [{"role": "robot", "content": "a"}]}, "role 'robot'"),
     ({"messages": []}, "empty"),
+    ({"messages": [{"role": ["user"], "content": "q"}]}, "has role"),  # unhashable: a RowError, not a crash
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": {"f": 1}}]}, "list of objects"),
 ])
 def test_bad_rows(row, message):
     with pytest.raises(RowError, match=message):
@@ -102,6 +104,12 @@ def test_too_long_samples_are_counted_and_named(tmp_path, tiny_model_dir):
     lines = data.report.lines()
     assert lines[0] == "2 of 4 samples will be trained"
     assert f"too_long: 2 — e.g. {path} sample 1" in lines[1] and "sample 3" in lines[1]
+    kept = data.train["input_ids"]
+    trained = sum(label != IGNORE_INDEX for labels in data.train["labels"] for label in labels)
+    summary = data.report.summary()
+    assert summary.startswith("Data: 4 samples read, 2 trained (2 train, 0 validation), 2 left out. ")
+    assert "2 (50.0%) are over cutoff_len 64: 0 lost later turns, 2 dropped." in summary
+    assert f"{sum(map(len, kept))} tokens, {trained} trained" in summary and "More than 5 % are over cutoff_len" in summary
 
 
 def test_nothing_left_to_train_is_an_error(tmp_path, tiny_model_dir):
@@ -152,3 +160,15 @@ def test_cot_file_through_the_pipeline(tmp_path, tiny_model_dir, thinking, expec
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     row = build_data(_cfg(tiny_model_dir, dataset=str(path), thinking=thinking), tok).train[0]
     assert tok.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE_INDEX]) == expected
+
+
+def test_training_names_rows_that_check_finds_wrong_but_still_trains(tmp_path, tiny_model_dir):
+    rows = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Say nothing", "output": "   "},
+            {"instruction": "Think", "output": "<think>unfinished"}, {"instruction": "Also nothing", "output": ""}]
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(rows))
+    data = build_data(_cfg(tiny_model_dir, dataset=str(path)), AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert data.report.problems == {"empty answer": 2, "unbalanced <think>": 1}
+    lines = data.report.lines()
+    assert f"  check: empty answer: 2 — e.g. {path} sample 1; {path} sample 3 (sftlab data check lists why)" in lines
+    assert any(line.startswith("  check: unbalanced <think>: 1 — e.g. ") and "sample 2" in line for line in lines)

@@ -59,8 +59,9 @@ def detect_format(columns: list[str], first_row: dict[str, Any]) -> FormatSpec |
     cols = set(columns)
     for chat_col in ("messages", "conversations"):
         if chat_col in cols:
-            turns = first_row.get(chat_col) or [{}]
-            keys = set(turns[0]) if isinstance(turns[0], dict) else set()
+            turns = first_row.get(chat_col)
+            first = turns[0] if isinstance(turns, list) and turns else None
+            keys = set(first) if isinstance(first, dict) else set()
             if {"role", "content"} <= keys:
                 return FormatSpec("openai", {"messages": chat_col})
             return FormatSpec("sharegpt", {"messages": chat_col})
@@ -177,7 +178,7 @@ def _chat_turns(turns: Any, tags: dict[str, str], has_system: bool) -> list[Mess
         if not isinstance(turn, dict):
             raise RowError(f"turn {i} is not an object with '{tags['role_tag']}' and '{tags['content_tag']}'")
         tag = turn.get(tags["role_tag"])
-        if tag not in roles:
+        if not isinstance(tag, str) or tag not in roles:
             raise RowError(f"turn {i} has role '{tag}'; expected one of {', '.join(repr(r) for r in roles)} (set 'tags' in dataset_info.json)")
         role = roles[tag]
         if role == "function_call":  # ShareGPT: a separate turn holding the call
@@ -188,6 +189,8 @@ def _chat_turns(turns: Any, tags: dict[str, str], has_system: bool) -> list[Mess
             if reasoning := _text(turn.get("reasoning_content")):
                 message["reasoning_content"] = reasoning
             if calls := turn.get("tool_calls"):
+                if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                    raise RowError(f"turn {i}: tool_calls must be a list of objects")
                 message["tool_calls"] = [_without_nulls(c) for c in calls]
         out.append(message)
     return out

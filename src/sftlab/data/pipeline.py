@@ -17,9 +17,10 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config import SFTConfig
+from sftlab.data.check import row_problems
 from sftlab.data.formats import FormatSpec, RowError, to_messages, to_text, to_tools
 from sftlab.data.render import (
-    IGNORE_INDEX, KEPT, TRAINED_STATUSES, VIEW, apply_thinking, encode_sample, encode_text, end_of_turn_token,
+    IGNORE_INDEX, KEPT, TOO_LONG, TRAINED_STATUSES, TURNS_DROPPED, VIEW, Encoded, apply_thinking, encode_sample, encode_text, end_of_turn_token,
     renders_reasoning_content, renders_tools, template_warnings, with_default_system,
 )
 from sftlab.data.sources import Source, format_of, load_source, resolve_sources
@@ -37,10 +38,35 @@ class DataReport:
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    cutoff_len: int = 0
+    n_train: int = 0
+    n_eval: int = 0
+    tokens: int = 0  # of the trained samples, train and validation
+    trained_tokens: int = 0
+    longest: int = 0
+    problems: Counter = field(default_factory=Counter)  # check's problem kind → rows (that are still trained)
+    problem_refs: dict[str, list[str]] = field(default_factory=dict)
 
     def name(self, status: str, ref: str, detail: str) -> None:
         """Remember ``ref`` as an example of ``status``."""
         self.examples.setdefault(status, []).append(f"{ref} ({detail})" if detail else ref)
+
+    def summary(self) -> str:
+        """One paragraph: samples read, trained, dropped, over cutoff_len, tokens (with the seeds' 5 % advice)."""
+        views = self.counts[VIEW]
+        total = sum(self.counts.values()) - views
+        trained = sum(self.counts[s] for s in TRAINED_STATUSES) - views
+        cut, dropped_long = self.counts[TURNS_DROPPED], self.counts[TOO_LONG]
+        over = cut + dropped_long
+        text = (f"Data: {total:,} samples read, {trained:,} trained ({self.n_train:,} train, {self.n_eval:,} validation"
+                + (f", incl. {views:,} extra views" if views else "") + f"), {total - trained:,} left out. "
+                f"{over:,} ({over / max(total, 1):.1%}) are over cutoff_len {self.cutoff_len}: {cut:,} lost later turns, "
+                f"{dropped_long:,} dropped. {self.tokens:,} tokens, {self.trained_tokens:,} trained "
+                f"({self.trained_tokens / max(self.tokens, 1):.0%}); the longest sample has {self.longest:,}.")
+        if over > 0.05 * total:
+            text += (" More than 5 % are over cutoff_len: raise it (sftlab data stats shows the length that covers"
+                     " 95/99 % of samples) or remove the long samples.")
+        return text
 
     def lines(self) -> list[str]:
         views = self.counts[VIEW]
@@ -53,6 +79,9 @@ class DataReport:
         for status, n in sorted(self.counts.items()):
             if status not in (KEPT, VIEW):
                 out.append(f"  {status}: {n} — e.g. " + "; ".join(self.examples.get(status, [])))
+        for kind, n in self.problems.most_common():
+            out.append(f"  check: {kind}: {n} — e.g. " + "; ".join(self.problem_refs.get(kind, []))
+                       + " (sftlab data check lists why)")
         return out
 
 
@@ -63,42 +92,52 @@ class Data:
     report: DataReport
 
 
+def encode_row(
+    row: dict[str, Any], spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, *, stage: str, eot: str | None, cutoff_len: int,
+    train_on_prompt: bool, mask_history: bool, default_system: str | None, thinking: str, native_reasoning: bool,
+    native_tools: bool, template_kwargs: dict,
+) -> list[Encoded]:
+    """One dataset row as training encodes it: the sample, then one VIEW per answer the template rewrites
+    (``stage: pt``: one block per ``cutoff_len`` tokens). Keyword arguments are what ``encode_options``
+    returns. Raises RowError for a row that cannot become a sample."""
+    if stage == "pt":
+        return [Encoded(ids, list(ids), KEPT) for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)]
+    messages = apply_thinking(with_default_system(to_messages(row, spec), default_system), thinking, native_reasoning)
+    tools = to_tools(row, spec)
+    if (tools or any("tool_calls" in m for m in messages)) and not native_tools:
+        raise RowError("the chat template cannot render tools or tool calls, so they would be lost; "
+                       "use the model's own template if it has tool support, or a model that has one")
+    kwargs = {**template_kwargs, "tools": tools} if tools else template_kwargs
+    return encode_sample(tokenizer, messages, eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
+                         mask_history=mask_history, mask_thinking=thinking == "mask", template_kwargs=kwargs)
+
+
 def _encode_batch(
-    batch: dict[str, list], indices: list[int], *, spec: FormatSpec, name: str, tokenizer: PreTrainedTokenizerBase,
-    stage: str, eot: str | None, cutoff_len: int, train_on_prompt: bool, mask_history: bool, default_system: str | None,
-    thinking: str, native_reasoning: bool, native_tools: bool, template_kwargs: dict,
+    batch: dict[str, list], indices: list[int], *, spec: FormatSpec, name: str, tokenizer: PreTrainedTokenizerBase, **options: Any,
 ) -> dict[str, list]:
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": [], "problems": []}
     keys = list(batch)
     for j, index in enumerate(indices):
         row = {k: batch[k][j] for k in keys}
         ref = f"{name} sample {index}"
         try:
-            if stage == "pt":
-                encoded = [(ids, list(ids), KEPT, "") for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)]
-            else:
-                messages = apply_thinking(with_default_system(to_messages(row, spec), default_system), thinking, native_reasoning)
-                tools = to_tools(row, spec)
-                if (tools or any("tool_calls" in m for m in messages)) and not native_tools:
-                    raise RowError("the chat template cannot render tools or tool calls, so they would be lost; "
-                                   "use the model's own template if it has tool support, or a model that has one")
-                kwargs = {**template_kwargs, "tools": tools} if tools else template_kwargs
-                samples = encode_sample(tokenizer, messages, eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
-                                        mask_history=mask_history, mask_thinking=thinking == "mask", template_kwargs=kwargs)
-                encoded = [(e.input_ids, e.labels, e.status, e.detail) for e in samples]
+            encoded = [(e.input_ids, e.labels, e.status, e.detail) for e in encode_row(row, spec, tokenizer, **options)]
         except RowError as err:
             encoded = [([], [], ERROR, str(err))]
-        for ids, labels, status, detail in encoded:
+        # check's cheap per-row rules (no tokenizer): what training accepts but would learn wrong, e.g. empty answers
+        problems = [kind for kind, _ in row_problems(row, spec)] if encoded[0][2] != ERROR else []
+        for k, (ids, labels, status, detail) in enumerate(encoded):
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["status"].append(status)
             out["detail"].append(detail)
             out["ref"].append(ref)
+            out["problems"].append(problems if k == 0 else [])  # once per row, not per view
     return out
 
 
-def _encode_options(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """Everything _encode_batch needs besides the rows; the template is probed here, once per run."""
+def encode_options(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Everything encode_row needs besides the row; the template is probed here, once per run."""
     sft = cfg.stage == "sft"
     return dict(stage=cfg.stage, eot=end_of_turn_token(tokenizer) if sft else None, cutoff_len=cfg.cutoff_len,
                 train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history, default_system=cfg.default_system,
@@ -131,7 +170,7 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
 
     Raises SftlabError for any malformed row (naming the first), or when nothing is left to train.
     """
-    options = _encode_options(cfg, tokenizer)
+    options = encode_options(cfg, tokenizer)
     if cfg.stage == "sft":
         for warning in template_warnings(tokenizer, options["eot"]):
             log.warning(warning)
@@ -149,12 +188,42 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
         if name not in (KEPT, VIEW):
             for i in pc.indices_nonzero(pc.equal(status, name))[:_NAMED].to_pylist():
                 report.name(name, encoded[i]["ref"], encoded[i]["detail"])
+    _count_problems(encoded, report)
 
     if not any(report.counts[s] for s in TRAINED_STATUSES):
         raise SftlabError("no sample is left to train on: " + " ".join(report.lines()[1:]).strip())
     trained = encoded.filter(lambda s: s in TRAINED_STATUSES, input_columns="status").select_columns(["input_ids", "labels"])
+    _count_tokens(trained, report)
     train, val = _split(trained, cfg.val_size, cfg.seed)
+    report.cutoff_len, report.n_train, report.n_eval = cfg.cutoff_len, len(train), len(val) if val is not None else 0
     return Data(train, val, report)
+
+
+def _count_problems(encoded: datasets.Dataset, report: DataReport) -> None:
+    """Count rows per check problem (rows training still trains) and name the first few of each."""
+    problems = encoded.data.column("problems")
+    flat = pc.list_flatten(problems)
+    if len(flat) == 0:
+        return
+    report.problems = Counter({c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(flat)})
+    has = pc.greater(pc.list_value_length(problems), 0)
+    for i in pc.indices_nonzero(has).to_pylist():
+        kinds = encoded[i]["problems"]
+        for kind in kinds:
+            if len(report.problem_refs.setdefault(kind, [])) < _NAMED:
+                report.problem_refs[kind].append(encoded[i]["ref"])
+        if all(len(report.problem_refs.get(k, [])) >= _NAMED for k in report.problems):
+            break
+
+
+def _count_tokens(ds: datasets.Dataset, report: DataReport) -> None:
+    """All and trained tokens and the longest sample, chunk by chunk in Arrow (bounded memory)."""
+    table = ds.with_format("arrow").data.table
+    for ids, labels in zip(table.column("input_ids").chunks, table.column("labels").chunks):
+        lengths = pc.list_value_length(ids)
+        report.tokens += pc.sum(lengths).as_py() or 0
+        report.longest = max(report.longest, pc.max(lengths).as_py() or 0)
+        report.trained_tokens += pc.sum(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)).as_py() or 0
 
 
 def _split(ds: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -173,7 +242,7 @@ def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> 
     Each row: ref, status, detail, input_ids, labels, and warnings (e.g. an answer whose
     end-of-turn token is not trained).
     """
-    options = _encode_options(cfg, tokenizer)
+    options = encode_options(cfg, tokenizer)
     eot = options["eot"]
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
     rows: list[dict[str, Any]] = []

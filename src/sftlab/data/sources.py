@@ -40,7 +40,7 @@ def resolve_sources(names: list[str], dataset_dir: str) -> list[Source]:
             sources.append(Source(str(files[0]) if len(files) == 1 else name, files, None))
             continue
         if info is None:
-            info = _read_info(info_path)
+            info = read_dataset_info(info_path)
         if name not in info:
             known = ", ".join(sorted(info)) or "none"
             raise SftlabError(f"dataset '{name}': not in {info_path} (it has: {known}) and no such file")
@@ -48,7 +48,8 @@ def resolve_sources(names: list[str], dataset_dir: str) -> list[Source]:
     return sources
 
 
-def _read_info(info_path: Path) -> dict:
+def read_dataset_info(info_path: Path) -> dict:
+    """The entries of a dataset_info.json. Raises SftlabError (naming the line) if it is missing or not an object of entries."""
     if not info_path.is_file():
         raise SftlabError(f"{info_path}: not found; set dataset_dir to the folder with dataset_info.json, or give dataset as a file path")
     try:

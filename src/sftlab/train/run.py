@@ -125,7 +125,8 @@ def run_training(cfg: SFTConfig) -> Path:
     model_dir = resolve_model(cfg.model_name_or_path)
     tokenizer = load_tokenizer(cfg, model_dir)
     data = build_data(cfg, tokenizer)
-    for line in data.report.lines():
+    log.info(data.report.summary())
+    for line in data.report.lines()[1:]:  # the problems, each with the first samples named
         log.info(line)
     (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     if not cfg.do_train:  # data checked and reported; nothing to train

@@ -1,0 +1,65 @@
+"""The HTML reports open in a real headless Chromium, offline: every plot renders, nothing is fetched."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="needs Debian's chromium (apt-get install chromium)")
+
+ROWS = [
+    {"instruction": "Extract the person as JSON.", "input": f"{name} is {age} and lives in {city}.",
+     "output": json.dumps({"name": name, "age": age, "city": city})}
+    for name, age, city in [("Ann", 31, "Oslo"), ("Bo", 45, "Lima"), ("Cy", 27, "Pune"), ("Di", 52, "Kyiv"), ("Ed", 38, "Rome")]
+] + [
+    {"instruction": "提取人物信息为JSON。", "input": "王芳今年29岁，住在成都。", "output": '{"name": "王芳", "age": 29, "city": "成都"}'},
+    {"instruction": "extract the person as json.", "input": "ann is 31 and lives in oslo.", "output": '{"name": "ann", "age": 31, "city": "oslo"}'},
+]
+
+
+def _sftlab(*args, cwd):
+    done = subprocess.run([sys.executable, "-m", "sftlab.cli", "data", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _open_offline(page_path: Path) -> dict:
+    """Open ``page_path`` in headless Chromium with the network cut off; what a reader would see."""
+    requests = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.route("http*://**", lambda route: route.abort())  # a report must not need the network
+            page.goto(page_path.as_uri(), wait_until="load")
+            images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])")
+            seen = {"title": page.title(), "text": page.inner_text("body"), "images": images,
+                    "tables": page.locator("table").count(), "requests": requests}
+        finally:
+            browser.close()
+    return seen
+
+
+def test_stats_and_dedup_reports_render_offline(tmp_path, smol_dir):
+    data = tmp_path / "people.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
+    _sftlab("stats", data, "--model", smol_dir, "--cutoff-len", "64", "-o", tmp_path / "stats", cwd=tmp_path)
+    _sftlab("dedup", data, "-o", tmp_path / "clean" / "people.jsonl", cwd=tmp_path)
+
+    stats = _open_offline(tmp_path / "stats" / "stats.html")
+    assert len(stats["images"]) >= 3 and stats["tables"] >= 2
+    assert all(done and w > 100 and h > 100 and alt for done, w, h, alt in stats["images"]), stats["images"]
+    assert "cutoff_len" in stats["text"] and "7" in stats["text"]
+    assert [u for u in stats["requests"] if not u.startswith(("file:", "data:"))] == []
+
+    dedup = _open_offline(tmp_path / "clean" / "people.report.html")
+    assert dedup["images"] and all(done and w > 100 for done, w, *_ in dedup["images"])
+    assert "exact" in dedup["text"].lower() and "oslo" in dedup["text"].lower()  # the planted duplicate is shown
+    assert [u for u in dedup["requests"] if not u.startswith(("file:", "data:"))] == []
