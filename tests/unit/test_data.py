@@ -172,3 +172,13 @@ def test_training_names_rows_that_check_finds_wrong_but_still_trains(tmp_path, t
     lines = data.report.lines()
     assert f"  check: empty answer: 2 — e.g. {path} sample 1; {path} sample 3 (sftlab data check lists why)" in lines
     assert any(line.startswith("  check: unbalanced <think>: 1 — e.g. ") and "sample 2" in line for line in lines)
+
+
+def test_problems_are_counted_when_only_one_worker_shard_has_any(tmp_path, tiny_model_dir):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(600)]
+    rows[590]["output"] = " "  # in the second of two shards
+    path = tmp_path / "two_shards.json"
+    path.write_text(json.dumps(rows))
+    cfg = _cfg(tiny_model_dir, dataset=str(path), preprocessing_num_workers=2)
+    data = build_data(cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert data.report.problems == {"empty answer": 1} and data.report.problem_refs == {"empty answer": [f"{path} sample 590"]}

@@ -125,14 +125,15 @@ def _encode_batch(
         except RowError as err:
             encoded = [([], [], ERROR, str(err))]
         # check's cheap per-row rules (no tokenizer): what training accepts but would learn wrong, e.g. empty answers
-        problems = [kind for kind, _ in row_problems(row, spec)] if encoded[0][2] != ERROR else []
+        # one string column ("" = none): a list column would be list<null> in shards without problems
+        problems = "\n".join(kind for kind, _ in row_problems(row, spec)) if encoded[0][2] != ERROR else ""
         for k, (ids, labels, status, detail) in enumerate(encoded):
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["status"].append(status)
             out["detail"].append(detail)
             out["ref"].append(ref)
-            out["problems"].append(problems if k == 0 else [])  # once per row, not per view
+            out["problems"].append(problems if k == 0 else "")  # once per row, not per view
     return out
 
 
@@ -202,18 +203,11 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
 def _count_problems(encoded: datasets.Dataset, report: DataReport) -> None:
     """Count rows per check problem (rows training still trains) and name the first few of each."""
     problems = encoded.data.column("problems")
-    flat = pc.list_flatten(problems)
-    if len(flat) == 0:
-        return
-    report.problems = Counter({c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(flat)})
-    has = pc.greater(pc.list_value_length(problems), 0)
-    for i in pc.indices_nonzero(has).to_pylist():
-        kinds = encoded[i]["problems"]
-        for kind in kinds:
+    for i in pc.indices_nonzero(pc.not_equal(problems, "")).to_pylist():
+        for kind in problems[i].as_py().split("\n"):
+            report.problems[kind] += 1
             if len(report.problem_refs.setdefault(kind, [])) < _NAMED:
                 report.problem_refs[kind].append(encoded[i]["ref"])
-        if all(len(report.problem_refs.get(k, [])) >= _NAMED for k in report.problems):
-            break
 
 
 def _count_tokens(ds: datasets.Dataset, report: DataReport) -> None:
