@@ -118,3 +118,11 @@ def test_cli_sample_and_convert(tmp_path):
     assert done.returncode == 0 and "2 of 3 samples written" in done.stdout and "not written: tools or tool calls" in done.stdout
     wrong = run("convert", str(src), str(tmp_path / "x.jsonl"), "--to", "csv")
     assert wrong.returncode == 2 and "choose one of messages, sharegpt, alpaca" in wrong.stderr
+
+
+def test_bad_convert_target_file_and_sample_size_are_named(tmp_path):
+    src = _write(tmp_path / "in.jsonl", OPENAI_ROWS)
+    with pytest.raises(SftlabError, match=r"out\.csv: write to a \.jsonl \(or \.json\) file"):
+        convert(_source(src), tmp_path / "out.csv", "messages")
+    with pytest.raises(SftlabError, match="--n 0: ask for at least one sample"):
+        sample_rows(_source(src), 0)
