@@ -280,15 +280,16 @@ def data_dedup(
     out: Path = typer.Option(..., "-o", "--output", help="The cleaned JSONL; <stem>.removed.jsonl, .conflicts.jsonl and .report.html go beside it."),
     threshold: float = typer.Option(0.8, "--threshold", help="Near duplicates: prompt and answer similarity (Jaccard) at least this."),
     exact_only: bool = typer.Option(False, "--exact-only", help="Remove exact duplicates (after normalising) only."),
+    conflict_threshold: float = typer.Option(0.9, "--conflict-threshold", help="Conflicting answers: also list prompts this similar (1: identical prompts only)."),
     dataset_dir: str = typer.Option("data", "--dataset-dir", help=_DATA_DIR_HELP),
 ) -> None:
-    """Remove exact and near duplicates (keeping the first); list prompts with conflicting answers; HTML report."""
+    """Remove exact and near duplicates (keeping the first); list same or near-same prompts with conflicting answers; HTML report."""
     from sftlab.data.dedup import dedup
     from sftlab.report.dedup_report import write_dedup_report
 
     sources = _sources(data, dataset_dir)
     with _byte_progress(sources, "Deduplicating") as on_bytes:
-        result = dedup(sources, out, threshold=threshold, near=not exact_only, on_bytes=on_bytes)
+        result = dedup(sources, out, threshold=threshold, near=not exact_only, on_bytes=on_bytes, conflict_threshold=conflict_threshold)
     report = write_dedup_report(result)[-1]
     for line in result.lines():
         typer.echo(line)

@@ -182,3 +182,34 @@ def test_problems_are_counted_when_only_one_worker_shard_has_any(tmp_path, tiny_
     cfg = _cfg(tiny_model_dir, dataset=str(path), preprocessing_num_workers=2)
     data = build_data(cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
     assert data.report.problems == {"empty answer": 1} and data.report.problem_refs == {"empty answer": [f"{path} sample 590"]}
+
+
+def test_a_batch_encodes_as_each_row_alone_and_bad_rows_stay_in_place(qwen_tokenizer):
+    """encode_rows tokenizes a batch in one call; each row's result equals encoding it alone, and a row the
+    format (or the template) refuses gets its error in its place without failing the batch."""
+    from jinja2 import TemplateError
+
+    from sftlab.data.pipeline import encode_options, encode_row, encode_rows
+
+    cfg = load_config(None, [], model_name_or_path="qwen", dataset="x", cutoff_len=40)
+    options = encode_options(cfg, qwen_tokenizer)
+    spec = detect_format(["messages"], {"messages": [{"role": "user", "content": "q"}]})
+    chat = lambda *turns: {"messages": [{"role": r, "content": c} for r, c in turns]}  # noqa: E731
+    rows = [
+        chat(("user", "Hi"), ("assistant", "Hello!")),
+        {"messages": [{"role": "user", "content": "no answer"}]},                            # RowError
+        chat(("user", "Long " * 30), ("assistant", "x")),                                    # too long for cutoff_len 40
+        chat(("user", "a"), ("assistant", "b")),
+        chat(("user", "2+2?"), ("assistant", "<think>\nadd\n</think>\n\n4"), ("user", "3+3?"), ("assistant", "6")),
+    ]
+    batch = encode_rows(rows, spec, qwen_tokenizer, **options)
+    assert len(batch) == len(rows) and isinstance(batch[1], RowError)
+    for row, result in zip(rows, batch):
+        try:
+            alone = encode_row(row, spec, qwen_tokenizer, **options)
+        except (RowError, TemplateError) as e:
+            assert type(result) is type(e) and str(result) == str(e)
+            continue
+        assert [(e.input_ids, e.labels, e.status) for e in result] == [(e.input_ids, e.labels, e.status) for e in alone]
+    assert batch[2][0].status == "too_long" and batch[0][0].status == "kept" and len(batch[4]) == 2  # a view: history drops <think>
+    assert encode_rows([rows[1]], spec, qwen_tokenizer, **options)[0].args == batch[1].args  # a batch of only bad rows

@@ -103,12 +103,102 @@ def test_dedup_removes_planted_duplicates_and_lists_conflicts(tmp_path):
     assert sorted(result.cluster_sizes.tolist()) == [2, 3]
 
     conflicts = [json.loads(line) for line in (tmp_path / "clean.conflicts.jsonl").read_text().splitlines()]
-    assert conflicts == [{"prompt": "user: Name a prime number.", "n_samples": 2,
+    assert conflicts == [{"match": "same", "prompt": "user: Name a prime number.", "n_samples": 2,
                           "samples": [{"ref": ref(2), "answer": "7"}, {"ref": ref(11), "answer": "Four is prime."}]}]
-    assert result.n_conflicts == 1 and result.conflicts[0].samples[1] == (ref(11), "Four is prime.")
+    assert (result.n_conflicts, result.n_near_conflicts) == (1, 0)  # France/Spain share only the system prompt
+    assert result.conflicts[0].samples[1].ref == ref(11) and result.conflicts[0].samples[1].answer == "Four is prime."
     size, members = result.largest[0]
     assert size == 3 and [(m.ref, m.kind) for m in members] == [(ref(1), "kept"), (ref(3), "exact"), (ref(4), "near")]
     assert sum(seen) == pytest.approx(path.stat().st_size)  # two passes, scaled to end at the file size
+
+
+def _jaccard(a: str, b: str) -> float:
+    x, y = set(shingle_hashes(normalise(a)).tolist()), set(shingle_hashes(normalise(b)).tolist())
+    return len(x & y) / len(x | y)
+
+
+def _changed(text: str, at: list[int], words: str) -> str:
+    for i, word in zip(at, words.split()):
+        text = _one_word_changed(text, i, word)
+    return text
+
+
+def test_near_same_prompts_with_different_answers_are_conflicts(tmp_path):
+    rng = random.Random(3)
+    q0 = "Please answer carefully: " + _text(rng, 60)
+    q1, q3 = _changed(q0, [10], "zebra"), _changed(q0, [20], "koala")
+    assert _jaccard(q0, q1) > 0.94 and _jaccard(q0, q3) > 0.94  # exact similarities, well above 0.9
+    system = "You are a careful assistant. " + _text(rng, 50)
+    rows = [
+        {"instruction": q0, "input": "", "output": "Yes, always, as the guide says."},  # 1 anchor
+        {"instruction": q1, "input": "", "output": "No, never do that."},                               # 2 near 1: conflict
+        {"instruction": q3, "input": "", "output": "Yes, always, as the guide says!"},  # 3 near 1, same answer: a duplicate
+        {"instruction": q3, "input": "", "output": "Only on Sundays, and briefly."},                    # 4 near 1: conflict
+        {"system": system, "instruction": q1, "input": "", "output": "Something else entirely."},      # 5 other system: no
+        {"instruction": "Short one?", "input": "", "output": "A"},                                      # 6
+        {"instruction": "Short two?", "input": "", "output": "B"},                                      # 7 short prompts differ
+    ]
+    path = _write(tmp_path / "near.jsonl", rows)
+    result = dedup(_sources(path), tmp_path / "clean.jsonl")
+    ref = lambda line: f"{path}:{line}"  # noqa: E731
+    assert result.n_near == 1  # row 3: near-same prompt and answer, removed, so it cannot be a conflict
+    lines = [json.loads(line) for line in (tmp_path / "clean.conflicts.jsonl").read_text().splitlines()]
+    assert [(g["match"], g["n_samples"], [s["ref"] for s in g["samples"]]) for g in lines] == [
+        ("near", 3, [ref(1), ref(2), ref(4)])]
+    samples = lines[0]["samples"]
+    assert samples[0]["similarity"] == 1.0 and all(0.9 <= s["similarity"] < 1 for s in samples[1:])
+    assert [(s["prompt"], s["answer"]) for s in samples] == [
+        (f"user: {q0}", "Yes, always, as the guide says."), (f"user: {q1}", "No, never do that."), (f"user: {q3}", "Only on Sundays, and briefly.")]
+    assert (result.n_conflicts, result.n_near_conflicts) == (0, 1)
+    assert "0 prompts, 1 groups of near-same prompts (similarity >= 0.9)" in "\n".join(result.lines())
+    assert result.conflicts[0].near and result.conflicts[0].samples[1].prompt == f"user: {q1}"
+    from sftlab.report.dedup_report import difference, write_dedup_report
+
+    page = write_dedup_report(result)[-1].read_text(encoding="utf-8")
+    shown = difference(f"user: {q0}", f"user: {q1}")  # q1's changed word with 30 characters each side
+    assert shown.startswith("…") and shown.endswith("…") and "zebra" in shown and len(shown) < 80
+    assert shown in page and "Only on Sundays, and briefly." in page and "groups of near-same" not in page
+
+    strict = dedup(_sources(path), tmp_path / "strict.jsonl", conflict_threshold=1.0)  # identical prompts only
+    assert strict.n_near_conflicts == 0 and (tmp_path / "strict.conflicts.jsonl").read_text() == ""
+    assert dedup(_sources(path), tmp_path / "exact.jsonl", near=False).n_near_conflicts == 0
+    with pytest.raises(SftlabError, match="conflict threshold 0: must be in"):
+        dedup(_sources(path), tmp_path / "x.jsonl", conflict_threshold=0)
+
+
+def test_prompts_that_ask_different_things_are_not_conflicts(tmp_path):
+    """A long template with a varying sentence, and prompts that differ only in their numbers, are similar prompts
+    whose answers should differ: not conflicts, though their similarity is above the threshold."""
+    rng = random.Random(5)
+    template = "Extract the name, age and city of the person as JSON. " + _text(rng, 700) + " Text: "
+    people = [("Alice Martin lives in Lyon and turned thirty last spring", "Alice"),
+              ("Bob Chen moved to Shanghai after finishing his degree", "Bob")]
+    sums = ["Compute the sum and explain each step of the method: 1234 + 5678", "Compute the sum and explain each step of the method: 1234 + 5679"]
+    assert _jaccard(template + people[0][0], template + people[1][0]) > 0.9 and _jaccard(*sums) > 0.9
+    rows = ([{"instruction": template + text, "input": "", "output": f'{{"name": "{name}"}}'} for text, name in people]
+            + [{"instruction": q, "input": "", "output": a} for q, a in zip(sums, ("6912", "6913"))])
+    result = dedup(_sources(_write(tmp_path / "d.jsonl", rows)), tmp_path / "clean.jsonl")
+    assert (result.n_kept, result.n_conflicts, result.n_near_conflicts) == (4, 0, 0)
+
+
+def test_near_same_prompts_are_not_chained(tmp_path):
+    """p1 is near p0, p2 is near p1 but not near p0: two groups, anchored at p0 and p1, never one chain."""
+    rng = random.Random(3)
+    p0 = "Please answer: " + _text(rng, 14)
+    p1, p2 = _changed(p0, [4], "zebra"), _changed(p0, [4, 10], "zebra tapir")
+    assert min(_jaccard(p0, p1), _jaccard(p1, p2)) > 0.81 and _jaccard(p0, p2) < 0.7  # threshold 0.78 between
+    same = {"instruction": p0, "input": "", "output": "Another answer to the first prompt."}
+    path = _write(tmp_path / "chain.jsonl", [{"instruction": p, "input": "", "output": f"Answer number {k}."}
+                                             for k, p in enumerate((p0, p1, p2))] + [same])
+    result = dedup(_sources(path), tmp_path / "clean.jsonl", conflict_threshold=0.78)
+    ref = lambda line: f"{path}:{line}"  # noqa: E731
+    lines = [json.loads(line) for line in (tmp_path / "clean.conflicts.jsonl").read_text().splitlines()]
+    assert [(g["match"], [s["ref"] for s in g["samples"]]) for g in lines] == [
+        ("same", [ref(1), ref(4)]),  # the same prompt comes first on a tie
+        ("near", [ref(1), ref(2)]),
+        ("near", [ref(2), ref(3)]),
+    ]
+    assert (result.n_conflicts, result.n_near_conflicts) == (1, 2)
 
 
 def test_exact_only_keeps_near_duplicates(tmp_path):

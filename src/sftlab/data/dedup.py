@@ -11,10 +11,13 @@ and the answer (``rows.prompt_and_answer``), each normalised by ``normalise``.
   apart; a single signature of the whole sample would merge them. Candidates come from LSH banding
   over both signatures; the verified pairs are joined into clusters (union-find) and the first
   sample of each cluster, in input order, is the one kept.
-- Conflicts: kept samples with the same normalised non-empty prompt, whose answers are not
-  duplicates of each other. They are listed for review, not removed. Near-same prompts are not
-  grouped: prompts built from one long template look alike, and chaining them would put most of such
-  a dataset into one "conflict".
+- Conflicts: kept samples (so their answers are not duplicates of each other) with the same normalised
+  non-empty prompt, and, with near-duplicate search on, with a near-same prompt: the same system
+  prompt, prompt similarity >= ``conflict_threshold`` (0.9), not identical. They are listed for review,
+  not removed. Near-same prompts are grouped around an anchor, never chained: a sample joins the group
+  of the first earlier sample whose prompt it is near (LSH over the prompt signature alone), so prompts
+  built from one long template cannot pull a whole dataset into one "conflict" through a chain of
+  small differences.
 
 Memory: per sample two 128-value uint32 signatures (1 KiB), three 64-bit keys and its ref (~50 bytes),
 so about 1.1 GB for 1M samples; rows are read twice (find, then write) and never held.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import unicodedata
 from array import array
 from contextlib import contextmanager
@@ -43,6 +47,12 @@ from sftlab.errors import SftlabError
 NUM_PERM = 128  # per part (prompt, answer): estimate's std at J=0.8 is sqrt(.8*.2/128) = 0.035
 SHINGLE = 5  # characters: about one word of English, two or three of Chinese (which has no spaces)
 BAND_ROWS = 4  # per part per band: 32 bands find a pair with both parts at J=0.8 with probability 0.997
+PROMPT_BAND_ROWS = 8  # conflicts band the prompt alone: 16 bands find a pair at J=0.9 w.p. 0.9999, at J=0.5 w.p. 0.06
+CONFLICT_THRESHOLD = 0.9
+# Near-same prompts differ by a word or two, so in at most this many shingles (a changed word of w characters
+# changes about 2(w + 4)): a long template with a varying sentence has similar prompts that ask different things.
+MAX_PROMPT_DIFFERENCE = 40
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 MAX_PAIRS = 500  # pairs a Leakage keeps
 _BLOCK = 1 << 16  # signature rows per storage block (no reallocation as rows stream in)
 _BATCH = 256  # samples signed together
@@ -180,36 +190,41 @@ class _Refs:
 
 class _Table:
     """Per row, in input order: its ref, 64-bit keys of the whole normalised sample (``exact``), of its prompt
-    (``prompt``; 0: empty) and of its system prompt (``system``; 0: none), and its two signatures (``near`` only)."""
+    (``prompt``; 0: empty), of its system prompt (``system``; 0: none) and of the numbers in its prompt without
+    the system prompt (``numbers``), that prompt's shingle count (``shingles``), and its two signatures (``near`` only)."""
 
     def __init__(self, near: bool) -> None:
         self.near = near
         self.refs = _Refs()
-        self.exact = self.prompt = self.system = np.zeros(0, np.uint64)
+        self.exact = self.prompt = self.system = self.numbers = self.shingles = np.zeros(0, np.uint64)
         self.blocks: list[np.ndarray] = []  # (_BLOCK, 2 * NUM_PERM) uint32: prompt signature, answer signature
         self.n = 0
         self.hasher = MinHasher() if near else None
 
     def add(self, sources: list[Source], on_bytes: Callable[[int], None] | None) -> None:
-        keys = (array("Q"), array("Q"), array("Q"))
+        keys = (array("Q"), array("Q"), array("Q"), array("Q"), array("Q"))
         bodies: list[str] = []
         answers: list[str] = []
         for s in _samples(sources, on_bytes):
             self.refs.add(s.row.ref)
             prompt, answer = normalise(s.prompt), normalise(s.answer)
+            body = normalise(s.body) if s.system else prompt
             keys[0].append(_hash(f"{prompt}\x00{answer}"))
             keys[1].append(_hash(prompt) if prompt else 0)
             keys[2].append(_hash(normalise(s.system)) if s.system else 0)
+            keys[3].append(_hash(" ".join(_NUMBER.findall(body))))
+            keys[4].append(max(1, len(body) - SHINGLE + 1))
             if self.near:
-                bodies.append(normalise(s.body) if s.system else prompt)
+                bodies.append(body)
                 answers.append(answer)
                 if len(bodies) == _BATCH:
                     self._sign(bodies, answers)
                     bodies, answers = [], []
         if bodies:
             self._sign(bodies, answers)
-        self.exact, self.prompt, self.system = (np.concatenate([old, np.array(new, np.uint64)])
-                                                for old, new in zip((self.exact, self.prompt, self.system), keys))
+        self.exact, self.prompt, self.system, self.numbers, self.shingles = (
+            np.concatenate([old, np.array(new, np.uint64)])
+            for old, new in zip((self.exact, self.prompt, self.system, self.numbers, self.shingles), keys))
         self.n = len(self.refs.ends)
 
     def _sign(self, bodies: list[str], answers: list[str]) -> None:
@@ -239,11 +254,16 @@ class _Table:
 
     def similarity(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         """min(prompt, answer) estimated Jaccard of each pair (u[k], v[k]); 0 where system prompts differ."""
-        out = np.empty(len(u))
+        return np.minimum(*self.part_similarity(u, v))
+
+    def part_similarity(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Estimated Jaccard of the prompts and of the answers of each pair (u[k], v[k]); 0 where system prompts differ."""
+        prompt, answer = np.empty(len(u)), np.empty(len(u))
         for k in range(0, len(u), 8192):
             eq = self.rows(u[k:k + 8192]) == self.rows(v[k:k + 8192])
-            out[k:k + 8192] = np.minimum(eq[:, :NUM_PERM].mean(1), eq[:, NUM_PERM:].mean(1))
-        return np.where(self.system[u] == self.system[v], out, 0.0)
+            prompt[k:k + 8192], answer[k:k + 8192] = eq[:, :NUM_PERM].mean(1), eq[:, NUM_PERM:].mean(1)
+        same_system = self.system[u] == self.system[v]
+        return np.where(same_system, prompt, 0.0), np.where(same_system, answer, 0.0)
 
 
 def _read(sources: list[Source], near: bool, on_bytes: Callable[[int], None] | None) -> _Table:
@@ -275,12 +295,21 @@ def _union(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
         np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
 
 
-def _band_pairs(table: _Table, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Per LSH band, candidate pairs (u < v) among rows ``ids`` (ascending) that share the band's bucket:
-    each member with its bucket's first member and with the member before it (linear in bucket size)."""
+def _both_parts() -> list[list[int]]:
+    """LSH bands over the prompt and the answer signature together: a pair must match in both parts."""
+    return [list(range(s, s + BAND_ROWS)) + list(range(NUM_PERM + s, NUM_PERM + s + BAND_ROWS)) for s in range(0, NUM_PERM, BAND_ROWS)]
+
+
+def _prompt_only() -> list[list[int]]:
+    return [list(range(s, s + PROMPT_BAND_ROWS)) for s in range(0, NUM_PERM, PROMPT_BAND_ROWS)]
+
+
+def _band_pairs(table: _Table, ids: np.ndarray, bands: list[list[int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per LSH band (signature columns), candidate pairs (u < v) among rows ``ids`` (ascending) that share the
+    band's bucket and system prompt: each member with its bucket's first member and with the member before it
+    (linear in bucket size)."""
     system = table.system[ids]
-    for start in range(0, NUM_PERM, BAND_ROWS):
-        cols = list(range(start, start + BAND_ROWS)) + list(range(NUM_PERM + start, NUM_PERM + start + BAND_ROWS))
+    for start, cols in enumerate(bands):
         values = table.columns(cols)[ids].astype(np.uint64)
         key = _mix64(system ^ np.uint64(start))
         for c in range(values.shape[1]):
@@ -301,7 +330,7 @@ def _clusters(table: _Table, threshold: float) -> np.ndarray:
     parent = first[inverse.reshape(-1)].astype(np.int64)
     if table.near and table.n:
         reps = np.flatnonzero(parent == np.arange(table.n))
-        for u, v in _band_pairs(table, reps):
+        for u, v in _band_pairs(table, reps, _both_parts()):
             _compress(parent)
             todo = parent[u] != parent[v]
             u, v = u[todo], v[todo]
@@ -379,10 +408,19 @@ class Member:
 
 
 @dataclass
+class ConflictSample:
+    ref: str
+    prompt: str  # for a near-same prompt group: this sample's own prompt
+    answer: str
+    similarity: float  # of its prompt to the group's first (1.0 in a same-prompt group)
+
+
+@dataclass
 class Conflict:
-    prompt: str
+    near: bool  # grouped by near-same prompts (else the same prompt)
+    prompt: str  # the first sample's prompt
     n_samples: int
-    samples: list[tuple[str, str]]  # (ref, answer), the first few
+    samples: list[ConflictSample]  # the first few, clipped
 
 
 @dataclass
@@ -394,12 +432,14 @@ class DedupResult:
     n_near: int  # removed: near-duplicates
     n_clusters: int  # clusters of two or more samples
     n_conflicts: int  # groups of kept samples with one prompt and different answers
+    n_near_conflicts: int  # groups of kept samples with near-same prompts and different answers
     n_kept: int
     threshold: float
     near: bool
     out: Path
     removed_path: Path
     conflicts_path: Path
+    conflict_threshold: float
     cluster_sizes: np.ndarray  # size of every cluster of two or more
     largest: list[tuple[int, list[Member]]] = field(default_factory=list)  # largest clusters: size, first members
 
@@ -412,22 +452,28 @@ class DedupResult:
             f"near duplicates (similarity >= {self.threshold:g}): {self.n_near:,}" if self.near
             else "near duplicates: not looked for (--exact-only)",
             f"duplicate clusters: {self.n_clusters:,}",
-            f"conflicting answers: {self.n_conflicts:,} prompts (kept; review them in {self.conflicts_path})",
+            f"conflicting answers: {self.n_conflicts:,} prompts" + (
+                f", {self.n_near_conflicts:,} groups of near-same prompts (similarity >= {self.conflict_threshold:g})"
+                if self.near and self.conflict_threshold < 1 else "") + f" (kept; review them in {self.conflicts_path})",
             f"kept: {self.n_kept:,} → {self.out}",
             f"removed: {self.n_exact + self.n_near:,} → {self.removed_path}",
         ]
 
 
 def dedup(sources: list[Source], out: Path, threshold: float = 0.8, near: bool = True,
-          on_bytes: Callable[[int], None] | None = None) -> DedupResult:
+          on_bytes: Callable[[int], None] | None = None, conflict_threshold: float = CONFLICT_THRESHOLD) -> DedupResult:
     """Write ``out`` (JSONL: the raw rows kept, in input order), ``<stem>.removed.jsonl`` (ref, kind, duplicate_of,
-    similarity) and ``<stem>.conflicts.jsonl`` (prompt, n_samples, samples: ref and answer), all atomically.
-    ``near=False``: exact duplicates only. ``on_bytes`` gets the progress of both reads, halved.
+    similarity) and ``<stem>.conflicts.jsonl`` (match "same" or "near", prompt, n_samples, samples: ref, answer, and
+    for "near" each sample's prompt and its similarity to the first), all atomically. ``near=False``: exact duplicates
+    and same-prompt conflicts only; ``conflict_threshold=1``: no near-same prompt groups. ``on_bytes`` gets the
+    progress of both reads, halved.
 
     Raises SftlabError for a threshold outside (0, 1], an output that is an input, or a row that cannot be read.
     """
-    if not 0 < threshold <= 1:
-        raise SftlabError(f"threshold {threshold}: must be in (0, 1]; 0.8 is usual, higher removes less")
+    for name, value, usual in (("threshold", threshold, "0.8 is usual, higher removes less"),
+                               ("conflict threshold", conflict_threshold, "0.9 is usual; 1 lists identical prompts only")):
+        if not 0 < value <= 1:
+            raise SftlabError(f"{name} {value}: must be in (0, 1]; {usual}")
     if out.suffix not in (".jsonl", ".json"):
         raise SftlabError(f"{out}: the output is JSON Lines; name it .jsonl")
     removed_path, conflicts_path = sidecar(out, ".removed.jsonl"), sidecar(out, ".conflicts.jsonl")
@@ -446,33 +492,36 @@ def dedup(sources: list[Source], out: Path, threshold: float = 0.8, near: bool =
     cluster_roots = np.flatnonzero(sizes > 1)
     largest = {int(r): np.flatnonzero(root == r)[:6].tolist()
                for r in cluster_roots[np.argsort(-sizes[cluster_roots], kind="stable")[:10]]}
-    conflict_rows, group_of = _conflict_groups(table.prompt, kind == 0)
+    groups = _same_prompt_groups(table.prompt, kind == 0)
+    if near and conflict_threshold < 1:
+        groups = groups.merged(_near_prompt_groups(table, kind == 0, conflict_threshold, threshold))
 
     with _atomic_files(out, removed_path, conflicts_path) as (kept_file, removed_file, conflicts_file):
         texts, conflicts = _write_kept(sources, progress, kind == 0, {i for m in largest.values() for i in m},
-                                       conflict_rows, group_of, kept_file, conflicts_file)
+                                       groups, kept_file, conflicts_file)
         for i in np.flatnonzero(kind > 0).tolist():
             removed_file.write(_json_line({"ref": table.refs[i], "kind": _MEMBER_KINDS[kind[i]],
                                            "duplicate_of": table.refs[int(root[i])], "similarity": round(float(similarity[i]), 3)}))
     shown = [(int(sizes[r]), [Member(table.refs[i], _MEMBER_KINDS[kind[i]], float(similarity[i]), texts[i]) for i in members])
              for r, members in largest.items()]
-    return DedupResult(n, int((kind == 1).sum()), near_rows.size, len(cluster_roots), int(group_of.max(initial=-1)) + 1,
-                       int((kind == 0).sum()), threshold, near, out, removed_path, conflicts_path, sizes[cluster_roots],
-                       shown, conflicts)
+    n_near_groups = int(groups.near.sum())
+    return DedupResult(n, int((kind == 1).sum()), near_rows.size, len(cluster_roots), len(groups.near) - n_near_groups,
+                       n_near_groups, int((kind == 0).sum()), threshold, near, out, removed_path, conflicts_path,
+                       conflict_threshold, sizes[cluster_roots], shown, conflicts)
 
 
 _MEMBER_KINDS = ("kept", "exact", "near")
 
 
 def _write_kept(sources: list[Source], on_bytes: Callable[[int], None] | None, kept: np.ndarray, wanted: set[int],
-                conflict_rows: np.ndarray, group_of: np.ndarray, kept_file: TextIO,
-                conflicts_file: TextIO) -> tuple[dict[int, str], list[Conflict]]:
+                groups: _Groups, kept_file: TextIO, conflicts_file: TextIO) -> tuple[dict[int, str], list[Conflict]]:
     """The second read: write the kept rows and the conflict groups; return the texts of rows ``wanted`` (clipped)
     and the first conflict groups. Conflicting samples go to a scratch file first, as their groups interleave."""
     texts: dict[int, str] = {}
+    in_groups = np.unique(groups.rows)
     slot = np.full(len(kept), -1)
-    slot[conflict_rows] = np.arange(len(conflict_rows))
-    offsets = np.zeros(len(conflict_rows), np.int64)
+    slot[in_groups] = np.arange(len(in_groups))
+    offsets = np.zeros(len(in_groups), np.int64)
     scratch = Path(kept_file.name).with_suffix(".conflicts")
     try:
         with open(scratch, "w+b") as records:
@@ -487,42 +536,99 @@ def _write_kept(sources: list[Source], on_bytes: Callable[[int], None] | None, k
                     offsets[slot[i]] = records.tell()
                     record = _json_line({"ref": row.ref, "prompt": s.prompt, "answer": s.answer})
                     records.write(record.encode("utf-8", "surrogatepass"))
-            return texts, _write_conflicts(records, offsets, group_of, conflicts_file)
+            return texts, _write_conflicts(records, offsets[slot[groups.rows]], groups, conflicts_file)
     finally:
         scratch.unlink(missing_ok=True)
 
 
-def _conflict_groups(prompt_keys: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Kept rows that share a non-empty prompt with another kept row (input order), and their group
-    numbers (0, 1, ... in order of each group's first row)."""
+@dataclass
+class _Groups:
+    """Conflict groups, flat: group g's members are ``rows[bounds[g]:bounds[g + 1]]`` in input order, the first being
+    its anchor, with each member's prompt ``similarity`` to the anchor; ``near[g]``: grouped by near-same prompts."""
+
+    rows: np.ndarray
+    bounds: np.ndarray
+    similarity: np.ndarray
+    near: np.ndarray
+
+    def merged(self, other: "_Groups") -> "_Groups":
+        """Both sets of groups, ordered by their anchor row (same-prompt group first on a tie)."""
+        sizes = np.diff(np.r_[self.bounds, other.bounds[1:] + self.bounds[-1]])
+        rows, similarity = np.r_[self.rows, other.rows], np.r_[self.similarity, other.similarity]
+        near = np.r_[self.near, other.near]
+        starts = np.r_[self.bounds[:-1], other.bounds[:-1] + self.bounds[-1]]
+        order = np.lexsort((near, rows[starts])) if len(starts) else np.zeros(0, np.int64)
+        take = np.concatenate([np.arange(starts[g], starts[g] + sizes[g]) for g in order]) if len(order) else np.zeros(0, np.int64)
+        return _Groups(rows[take], np.r_[0, np.cumsum(sizes[order])], similarity[take], near[order])
+
+
+def _same_prompt_groups(prompt_keys: np.ndarray, kept: np.ndarray) -> _Groups:
+    """Kept rows that share a non-empty prompt with another kept row, grouped, groups in order of their first row."""
     candidates = np.flatnonzero(kept & (prompt_keys != 0))
     _, inverse, counts = np.unique(prompt_keys[candidates], return_inverse=True, return_counts=True)
     rows = candidates[counts[inverse.reshape(-1)] > 1]
     _, first, inverse = np.unique(prompt_keys[rows], return_index=True, return_inverse=True)
-    rank = np.empty(len(first), np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    return rows, rank[inverse.reshape(-1)]
+    group = np.argsort(np.argsort(first))[inverse.reshape(-1)]  # groups numbered by their first row
+    order = np.argsort(group, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(group, minlength=len(first)))]
+    return _Groups(rows[order], bounds, np.ones(len(rows)), np.zeros(len(first), bool))
 
 
-def _write_conflicts(records, offsets: np.ndarray, group_of: np.ndarray, out: TextIO, per_group: int = 50,
+def _near_prompt_groups(table: _Table, kept: np.ndarray, conflict_threshold: float, threshold: float) -> _Groups:
+    """Kept rows whose prompt is near-same (similarity >= ``conflict_threshold``, not identical; the same system prompt
+    and numbers; at most ``MAX_PROMPT_DIFFERENCE`` shingles different) as an earlier kept row's, and whose answers are not near-duplicates (< ``threshold``; a lower --threshold already merged
+    such pairs), grouped around their anchor: the first such earlier row found (LSH over prompt signatures).
+    Each distinct prompt takes part through its first row; its other rows are in its same-prompt group."""
+    n = table.n
+    anchor, similarity = np.full(n, n, np.int64), np.zeros(n)
+    candidates = np.flatnonzero(kept & (table.prompt != 0))
+    ids = np.sort(candidates[np.unique(table.prompt[candidates], return_index=True)[1]])  # each prompt once (its first row)
+    for u, v in _band_pairs(table, ids, _prompt_only()):
+        u, v = u[u < anchor[v]], v[u < anchor[v]]
+        prompt_sim, answer_sim = table.part_similarity(u, v)
+        # |A xor B| = (1 - J) / (1 + J) * (|A| + |B|) for sets A, B of Jaccard similarity J
+        differ = (1 - prompt_sim) / (1 + prompt_sim) * (table.shingles[u] + table.shingles[v]).astype(float)
+        ok = ((prompt_sim >= conflict_threshold) & (answer_sim < threshold) & (differ <= MAX_PROMPT_DIFFERENCE)
+              & (table.numbers[u] == table.numbers[v]))  # "2 + 3" and "2 + 4" ask different things
+        u, v, sim = u[ok], v[ok], prompt_sim[ok]
+        order = np.lexsort((u, v))  # per v, the smallest u first
+        u, v, sim = u[order], v[order], sim[order]
+        first = np.r_[True, v[1:] != v[:-1]] if len(v) else np.zeros(0, bool)
+        better = u[first] < anchor[v[first]]
+        anchor[v[first][better]], similarity[v[first][better]] = u[first][better], sim[first][better]
+    members = np.flatnonzero(anchor < n)
+    centres = np.unique(anchor[members])
+    order = np.lexsort((members, anchor[members]))
+    members = members[order]
+    group = np.searchsorted(centres, anchor[members])
+    sizes = np.bincount(group, minlength=len(centres)) + 1
+    starts = np.cumsum(sizes) - sizes
+    rows, sims = np.empty(len(members) + len(centres), np.int64), np.ones(len(members) + len(centres))
+    rows[starts] = centres
+    at = np.arange(len(members)) + group + 1  # after the anchor and the earlier members of its group
+    rows[at], sims[at] = members, similarity[members]
+    return _Groups(rows, np.r_[0, np.cumsum(sizes)], sims, np.ones(len(centres), bool))
+
+
+def _write_conflicts(records, offsets: np.ndarray, groups: _Groups, out: TextIO, per_group: int = 50,
                      preview: int = 20) -> list[Conflict]:
-    """One line per conflict group from the scratch ``records``; returns the first ``preview`` groups, clipped."""
-    if not len(group_of):
-        return []
-    order = np.argsort(group_of, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, group_of[order][1:] != group_of[order][:-1], True])
+    """One line per conflict group, members read from the scratch ``records`` (``offsets``: per member of
+    ``groups.rows``); returns the first ``preview`` groups, clipped."""
     shown = []
-    for g in range(len(bounds) - 1):
-        members = order[bounds[g]:bounds[g + 1]]
+    for g in range(len(groups.near)):
+        lo, hi = int(groups.bounds[g]), int(groups.bounds[g + 1])
+        near = bool(groups.near[g])
         samples = []
-        for k in members[:per_group]:
+        for k in range(lo, min(hi, lo + per_group)):
             records.seek(int(offsets[k]))
-            samples.append(json.loads(records.readline()))
-        out.write(_json_line({"prompt": samples[0]["prompt"], "n_samples": len(members),
-                              "samples": [{"ref": s["ref"], "answer": s["answer"]} for s in samples]}))
+            samples.append(json.loads(records.readline()) | {"similarity": round(float(groups.similarity[k]), 3)})
+        keys = ("ref", "prompt", "similarity", "answer") if near else ("ref", "answer")
+        out.write(_json_line({"match": "near" if near else "same", "prompt": samples[0]["prompt"], "n_samples": hi - lo,
+                              "samples": [{k: s[k] for k in keys} for s in samples]}))
         if g < preview:
-            shown.append(Conflict(_clip(samples[0]["prompt"], 600), len(members),
-                                  [(s["ref"], _clip(s["answer"], 300)) for s in samples[:8]]))
+            shown.append(Conflict(near, _clip(samples[0]["prompt"], 600), hi - lo,
+                                  [ConflictSample(s["ref"], _clip(s["prompt"], 600), _clip(s["answer"], 300), s["similarity"])
+                                   for s in samples[:8]]))
     return shown
 
 
@@ -676,7 +782,7 @@ def leakage(sources_a: list[Source], sources_b: list[Source], threshold: float =
     similarity = np.where(partner >= 0, 1.0, 0.0)
 
     found_v, found_u, found_sim = [], [], []
-    for u, v in _band_pairs(table, np.arange(table.n)):
+    for u, v in _band_pairs(table, np.arange(table.n), _both_parts()):
         cross = (u < n_a) & (v >= n_a)
         u, v = u[cross], v[cross]
         todo = kind[v - n_a] < 0

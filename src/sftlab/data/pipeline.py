@@ -14,6 +14,7 @@ from typing import Any
 
 import datasets
 import pyarrow.compute as pc
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.config import SFTConfig
@@ -21,7 +22,7 @@ from sftlab.data.check import row_problems
 from sftlab.data.formats import FormatSpec, RowError, to_messages, to_text, to_tools
 from sftlab.data.render import (
     IGNORE_INDEX, KEPT, TOO_LONG, TRAINED_STATUSES, TURNS_DROPPED, VIEW, Encoded, apply_thinking, encode_sample, encode_text, end_of_turn_token,
-    renders_reasoning_content, renders_tools, template_warnings, with_default_system,
+    render, renders_reasoning_content, tokenize_rendered, renders_tools, template_warnings, with_default_system,
 )
 from sftlab.data.sources import Source, format_of, load_source, resolve_sources
 from sftlab.errors import SftlabError
@@ -92,24 +93,48 @@ class Data:
     report: DataReport
 
 
-def encode_row(
-    row: dict[str, Any], spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, *, stage: str, eot: str | None, cutoff_len: int,
-    train_on_prompt: bool, mask_history: bool, default_system: str | None, thinking: str, native_reasoning: bool,
-    native_tools: bool, template_kwargs: dict,
-) -> list[Encoded]:
+def encode_row(row: dict[str, Any], spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, **options: Any) -> list[Encoded]:
     """One dataset row as training encodes it: the sample, then one VIEW per answer the template rewrites
     (``stage: pt``: one block per ``cutoff_len`` tokens). Keyword arguments are what ``encode_options``
-    returns. Raises RowError for a row that cannot become a sample."""
+    returns. Raises RowError for a row that cannot become a sample, TemplateError when the template refuses it."""
+    encoded = encode_rows([row], spec, tokenizer, **options)[0]
+    if isinstance(encoded, Exception):
+        raise encoded
+    return encoded
+
+
+def encode_rows(
+    rows: list[dict[str, Any]], spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, *, stage: str, eot: str | None,
+    cutoff_len: int, train_on_prompt: bool, mask_history: bool, default_system: str | None, thinking: str,
+    native_reasoning: bool, native_tools: bool, template_kwargs: dict,
+) -> list[list[Encoded] | RowError | TemplateError]:
+    """``encode_row`` for each row, with the whole batch tokenized in one call; a row that cannot be encoded gets
+    its RowError or TemplateError in its place."""
     if stage == "pt":
-        return [Encoded(ids, list(ids), KEPT) for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)]
-    messages = apply_thinking(with_default_system(to_messages(row, spec), default_system), thinking, native_reasoning)
-    tools = to_tools(row, spec)
-    if (tools or any("tool_calls" in m for m in messages)) and not native_tools:
-        raise RowError("the chat template cannot render tools or tool calls, so they would be lost; "
-                       "use the model's own template if it has tool support, or a model that has one")
-    kwargs = {**template_kwargs, "tools": tools} if tools else template_kwargs
-    return encode_sample(tokenizer, messages, eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt,
-                         mask_history=mask_history, mask_thinking=thinking == "mask", template_kwargs=kwargs)
+        out: list[list[Encoded] | RowError | TemplateError] = []
+        for row in rows:
+            try:
+                out.append([Encoded(ids, list(ids), KEPT) for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)])
+            except RowError as e:
+                out.append(e)
+        return out
+    prepared: list[tuple[list, dict, str] | RowError | TemplateError] = []
+    for row in rows:
+        try:
+            messages = apply_thinking(with_default_system(to_messages(row, spec), default_system), thinking, native_reasoning)
+            tools = to_tools(row, spec)
+            if (tools or any("tool_calls" in m for m in messages)) and not native_tools:
+                raise RowError("the chat template cannot render tools or tool calls, so they would be lost; "
+                               "use the model's own template if it has tool support, or a model that has one")
+            kwargs = {**template_kwargs, "tools": tools} if tools else template_kwargs
+            prepared.append((messages, kwargs, render(tokenizer, messages, **kwargs)))
+        except (RowError, TemplateError) as e:  # a template that refuses the conversation fails this row alone
+            prepared.append(e)
+    rendered = iter(tokenize_rendered(tokenizer, [p[2] for p in prepared if not isinstance(p, Exception)]))
+    return [p if isinstance(p, Exception) else
+            encode_sample(tokenizer, p[0], eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history,
+                          mask_thinking=thinking == "mask", template_kwargs=p[1], rendered=next(rendered))
+            for p in prepared]
 
 
 def _encode_batch(
@@ -117,13 +142,13 @@ def _encode_batch(
 ) -> dict[str, list]:
     out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": [], "problems": []}
     keys = list(batch)
-    for j, index in enumerate(indices):
-        row = {k: batch[k][j] for k in keys}
+    rows = [{k: batch[k][j] for k in keys} for j in range(len(indices))]
+    for row, index, result in zip(rows, indices, encode_rows(rows, spec, tokenizer, **options)):
         ref = f"{name} sample {index}"
-        try:
-            encoded = [(e.input_ids, e.labels, e.status, e.detail) for e in encode_row(row, spec, tokenizer, **options)]
-        except RowError as err:
-            encoded = [([], [], ERROR, str(err))]
+        if isinstance(result, Exception):
+            encoded = [([], [], ERROR, str(result) if isinstance(result, RowError) else f"the chat template refuses it: {result}")]
+        else:
+            encoded = [(e.input_ids, e.labels, e.status, e.detail) for e in result]
         # check's cheap per-row rules (no tokenizer): what training accepts but would learn wrong, e.g. empty answers
         # one string column ("" = none): a list column would be list<null> in shards without problems
         problems = "\n".join(kind for kind, _ in row_problems(row, spec)) if encoded[0][2] != ERROR else ""

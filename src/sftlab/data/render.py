@@ -211,6 +211,17 @@ def assistant_char_spans(
     return spans
 
 
+Rendered = tuple[str, list[int], list[tuple[int, int]]]  # text, token ids, character offsets of each token
+
+
+def tokenize_rendered(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[Rendered]:
+    """Rendered conversations (``render``) tokenized in one call: the fast tokenizer works through a batch on all cores."""
+    if not texts:  # the tokenizer fails on an empty batch
+        return []
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(texts, enc["input_ids"], enc["offset_mapping"]))
+
+
 def _token_index(offsets: list[tuple[int, int]], boundary: int, text_len: int) -> int:
     """The index of the first token at or after char ``boundary``; raises SpanError if a token straddles it."""
     if boundary >= text_len:
@@ -233,6 +244,7 @@ def encode_conversation(
     mask_history: bool = False,
     mask_thinking: bool = False,
     template_kwargs: dict | None = None,
+    rendered: Rendered | None = None,
 ) -> Encoded:
     """Render and tokenize one conversation; labels are -100 except on trained tokens.
 
@@ -240,14 +252,12 @@ def encode_conversation(
     ``mask_history``; every token with ``train_on_prompt``). Over ``cutoff_len`` tokens, whole later
     turns are dropped (the sample ends after the last assistant turn that fits); if not even the first
     answer fits, the sample is TOO_LONG and not trained. ``mask_thinking`` leaves reasoning untrained;
-    ``template_kwargs`` go to the template (e.g. ``enable_thinking``).
+    ``template_kwargs`` go to the template (e.g. ``enable_thinking``). ``rendered``: the conversation already
+    rendered and tokenized (``tokenize_rendered``), so that a batch is tokenized in one call.
     """
-    text = render(tokenizer, messages, **(template_kwargs or {}))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
+    text, ids, offsets = rendered or tokenize_rendered(tokenizer, [render(tokenizer, messages, **(template_kwargs or {}))])[0]
     try:
         char_spans = assistant_char_spans(tokenizer, messages, text, eot, mask_thinking, template_kwargs)
-        offsets = enc["offset_mapping"]
         spans = [(_token_index(offsets, s, len(text)), _token_index(offsets, e, len(text)), ok) for s, e, ok in char_spans]
     except SpanError as e:
         return Encoded([], [], NOT_PREFIX_STABLE, str(e))
@@ -285,11 +295,12 @@ def encode_conversation(
 def encode_sample(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], **kw) -> list[Encoded]:
     """A conversation as training samples: the conversation itself, plus one VIEW per answer that the
     template rewrites in history — ``messages[:i+1]`` with only that answer trained, so every answer
-    is learnt exactly as the model generates it. Keyword arguments are those of encode_conversation."""
+    is learnt exactly as the model generates it. Keyword arguments are those of encode_conversation
+    (``rendered`` is the whole conversation's)."""
     main = encode_conversation(tokenizer, messages, **kw)
     views = []
     for turn in main.rewritten:
-        view = encode_conversation(tokenizer, messages[: turn + 1], **{**kw, "mask_history": True})
+        view = encode_conversation(tokenizer, messages[: turn + 1], **{**kw, "mask_history": True, "rendered": None})
         if view.status in (KEPT, TURNS_DROPPED):
             view.status, view.detail = VIEW, f"turn {turn} as generated"
         views.append(view)

@@ -22,7 +22,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.formats import FormatSpec, Message, RowError, to_messages
-from sftlab.data.pipeline import encode_row
+from sftlab.data.pipeline import encode_rows
 from sftlab.data.render import IGNORE_INDEX, KEPT, VIEW, split_reasoning
 from sftlab.data.rows import first_value, iter_rows, row_spec
 from sftlab.data.sources import Source
@@ -268,19 +268,20 @@ def _measure(batch: tuple[FormatSpec, list[_Row]], *, tokenizer: PreTrainedToken
     skipped, prompt, answer, turns, texts, trained = [], [], [], [], [], []
     answer_openings, prompt_openings = Counter(), Counter()
     views = 0
+    readable = [value for _, value, _ in rows if value is not None]
+    results = iter(encode_rows(readable, spec, tokenizer, **options))
     for ref, value, problem in rows:
         if value is None:
             skipped.append((UNREADABLE, ref, problem))
             continue
-        try:
-            messages = to_messages(value, spec)
-            encoded = encode_row(value, spec, tokenizer, **options)
-        except RowError as e:
-            skipped.append((MALFORMED, ref, str(e)))
+        encoded = next(results)
+        if isinstance(encoded, RowError):
+            skipped.append((MALFORMED, ref, str(encoded)))
             continue
-        except TemplateError as e:  # the template itself refuses the conversation (e.g. roles that do not alternate)
-            skipped.append((TEMPLATE_ERROR, ref, str(e)))
+        if isinstance(encoded, TemplateError):  # the template itself refuses the conversation (e.g. roles that do not alternate)
+            skipped.append((TEMPLATE_ERROR, ref, str(encoded)))
             continue
+        messages = to_messages(value, spec)
         main = encoded[0]
         if main.status != KEPT:  # with no length limit: not prefix-stable, or nothing to train
             skipped.append((main.status, ref, main.detail))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +64,30 @@ def write_dedup_report(result: DedupResult, path: Path | None = None) -> list[Pa
 
     page.heading("Conflicting answers")
     if result.conflicts:
-        page.text(f"The same prompt with answers that are not duplicates of each other; they were kept. "
-                  f"All {result.n_conflicts:,} are in {result.conflicts_path.name}; the first {len(result.conflicts)} follow.", "warn")
+        near = (f" Near-same prompts (the same system prompt, prompt similarity >= {result.conflict_threshold:g}) are grouped around "
+                f"the first sample, never chained; each prompt is shown with what it shares with the first one elided."
+                if result.near and result.conflict_threshold < 1 else "")
+        page.text(f"Answers that are not duplicates of each other to the same prompt ({result.n_conflicts:,} prompts) or to near-same "
+                  f"prompts ({result.n_near_conflicts:,} groups); they were kept.{near} All are in {result.conflicts_path.name}; "
+                  f"the first {len(result.conflicts)} groups follow.", "warn")
         for c in result.conflicts:
             page.pre(c.prompt)
-            page.table(["sample", "answer"], [[ref, answer] for ref, answer in c.samples]
-                       + ([[f"... {c.n_samples - len(c.samples)} more", ""]] if c.n_samples > len(c.samples) else []))
+            more = [[f"... {c.n_samples - len(c.samples)} more", "", "", ""][:4 if c.near else 2]] if c.n_samples > len(c.samples) else []
+            if c.near:
+                page.table(["sample", "prompt (differences)", "similarity", "answer"],
+                           [[s.ref, difference(c.samples[0].prompt, s.prompt) if k else "(the prompt above)", s.similarity, s.answer]
+                            for k, s in enumerate(c.samples)] + more)
+            else:
+                page.table(["sample", "answer"], [[s.ref, s.answer] for s in c.samples] + more)
     else:
         page.text("No prompt has two different answers.")
     return page.write(path)
+
+
+def difference(first: str, other: str, context: int = 30) -> str:
+    """``other`` with the prefix and suffix it shares with ``first`` elided, keeping ``context`` characters of each."""
+    start = len(os.path.commonprefix([first, other]))
+    end = len(os.path.commonprefix([first[start:][::-1], other[start:][::-1]]))
+    head = "…" + other[start - context:start] if start > context else other[:start]
+    tail = other[len(other) - end:len(other) - end + context] + "…" if end > context else other[len(other) - end:]
+    return head + other[start:len(other) - end] + tail
