@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -32,9 +31,10 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def _setup_logging() -> None:
     from rich.logging import RichHandler
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, markup=False, rich_tracebacks=False)], force=True)
+    from rich.console import Console
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]", force=True,  # stdout is for results
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=False)])
     logging.getLogger("sftlab").setLevel(logging.INFO)
     import datasets
     import transformers
@@ -368,6 +368,226 @@ def data_sample(
         write_jsonl(out, readable)
         typer.echo(f"wrote {len(readable)} rows to {out}" + (f" ({len(rows) - len(readable)} unreadable left out)" if len(readable) < len(rows) else ""))
     typer.echo(f"{len(rows)} samples (seed {seed})", err=True)
+
+
+# ---------------------------------------------------------------- after training: eval, compare, chat, predict, export
+
+_MODEL_HELP = "Model directory, .gguf, Hub id, or a training output_dir (a LoRA output_dir brings its base model)."
+_ADAPTER_HELP = "A LoRA adapter directory to load on top of the model (its saved chat template is used)."
+
+
+def _inference_config(config: Optional[Path], args: Optional[list[str]], model: Optional[str], **values):
+    """(config, Trained): from a training config (its trained result, or --model/--adapter instead) or from --model."""
+    from sftlab.config import load_config
+    from sftlab.model.load import locate_trained, trained_from_config
+
+    overrides = list(args or [])
+    if bad := [a for a in overrides if "=" not in a]:
+        raise SftlabError(f"extra argument '{bad[0]}': arguments after the config are key=value overrides")
+    adapter, template = values.pop("adapter", None), values.pop("template", None)
+    given = {k: v for k, v in values.items() if v is not None}
+    if config is None:
+        if model is None:
+            raise SftlabError("give a training config, or the model with --model (and --adapter)")
+        cfg = load_config(None, overrides, model_name_or_path=model, dataset=given.pop("dataset", None) or ["-"], **given)
+        return cfg, locate_trained(model, adapter, template)
+    cfg = load_config(config, overrides, **given)
+    if model is not None or adapter is not None:
+        return cfg, locate_trained(model or cfg.model_name_or_path, adapter, template or cfg.template)
+    return cfg, trained_from_config(cfg)
+
+
+def _load(trained, cfg):
+    from sftlab.model.load import load_for_inference
+
+    logging.getLogger("sftlab").info("loading %s", trained.describe())
+    return load_for_inference(trained, "cuda" if torch_cuda() else "cpu", trust_remote_code=cfg.trust_remote_code)
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@app.command("eval")
+def eval_command(
+    config: Optional[Path] = typer.Argument(None, help="A training config: its trained model, template and validation split."),
+    args: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides of the config."),
+    model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=_ADAPTER_HELP),
+    template: Optional[str] = typer.Option(None, "--template", help="Built-in chat template replacing the tokenizer's own."),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Dataset names or files (default: the config's validation split)."),
+    dataset_dir: Optional[str] = typer.Option(None, "--dataset-dir", help=_DATA_DIR_HELP),
+    generate_: Optional[bool] = typer.Option(None, "--generate/--no-generate", help="Generate answers and score them (default: the config's predict_with_generate)."),
+    scorers: Optional[list[str]] = typer.Option(None, "--scorer", help="Extra task scorer: json_valid, json_fields, regex:PATTERN, module:function (repeatable)."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base model and compare before → after."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate at most this many samples of each dataset."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Samples per batch (default: per_device_eval_batch_size)."),
+    latency: bool = typer.Option(False, "--latency", help="Also measure first-token time and per-token time (time = k·x + b)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for eval_results.json and generated_predictions.jsonl (default: OUTPUT_DIR/eval, or eval_results)."),
+) -> None:
+    """Loss and perplexity on answer tokens; with --generate, BLEU-4, chrF, ROUGE, exact match and task scores."""
+    from sftlab.evaluate.run import evaluate, measure_latency, samples_from_datasets, samples_from_refs
+    from sftlab.infer.generate import prompt_ids
+    from sftlab.model.load import trained_from_config
+
+    values = dict(dataset=dataset, dataset_dir=dataset_dir, predict_with_generate=generate_, eval_scorers=scorers,
+                  per_device_eval_batch_size=batch_size, adapter=adapter, template=template)
+    cfg, trained = _inference_config(config, args, model, **values)
+    out = output or (Path(cfg.output_dir) / "eval" if config else Path("eval_results"))
+    if config is not None and not dataset:
+        if cfg.val_size <= 0:
+            raise SftlabError(f"{config}: no validation split (val_size: 0); give --dataset to evaluate on")
+        from sftlab.data.pipeline import build_data
+
+        from sftlab.model.load import inference_tokenizer
+
+        refs = build_data(cfg, inference_tokenizer(trained, cfg.trust_remote_code)).eval_refs
+        samples, names = samples_from_refs(cfg.dataset, cfg.dataset_dir, refs), [f"{', '.join(cfg.dataset)} (validation split)"]
+    else:
+        samples, names = samples_from_datasets(cfg.dataset, cfg.dataset_dir, max_samples), list(cfg.dataset)
+    runs = [("tuned", trained, out)]
+    if baseline:
+        base = trained_from_config(cfg, tuned=False) if config else type(trained)(trained.model_dir, None, trained.model_dir, trained.template)
+        runs.insert(0, ("base", base, out.with_name(out.name + "_baseline")))
+    for which, what, where in runs:
+        model_obj, tokenizer = _load(what, cfg)
+        with _count_progress(len(samples) if cfg.predict_with_generate else 0, f"Generating ({which})") as on_batch:
+            results, predictions = evaluate(model_obj, tokenizer, samples, cfg, model_name=str(what.model_dir),
+                                            adapter=str(what.adapter_dir) if what.adapter_dir else None, datasets=names,
+                                            with_generation=cfg.predict_with_generate, scorers=cfg.eval_scorers,
+                                            batch_size=cfg.per_device_eval_batch_size, on_batch=on_batch)
+        if latency:
+            from sftlab.evaluate.run import questions
+
+            asked, _ = questions(samples[:1], cfg.default_system)
+            results.latency = measure_latency(model_obj, tokenizer, prompt_ids(tokenizer, asked[0].messages))
+        results.write(where, predictions or None)
+        typer.echo(f"{which}: {what.describe()} → {where}")
+        for name, value in results.metrics.items():
+            typer.echo(f"  {name:12s} {value}")
+        if results.latency:
+            lat = results.latency
+            typer.echo(f"  latency      first token {lat['first_token_s'] * 1000:.1f} ms, then {lat['per_token_s'] * 1000:.2f} ms/token "
+                       f"({lat['tokens_per_s'] or 0:.1f} tokens/s), r² {lat['r2']:.3f}")
+    if baseline:
+        _compare(runs[0][2], runs[1][2], out.with_name("compare"))
+
+
+@contextmanager
+def _count_progress(total: int, what: str):
+    """A progress bar over ``total`` samples on a terminal (nothing when total is 0 or output is piped)."""
+    if not total or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _compare(base: Path, tuned: Path, stem: Path) -> None:
+    from sftlab.evaluate.compare import compare
+    from sftlab.evaluate.results import EvalResults, read_predictions
+    from sftlab.report.compare_report import write_comparison
+
+    comparison = compare(EvalResults.read(base), EvalResults.read(tuned), read_predictions(base, missing_ok=True),
+                         read_predictions(tuned, missing_ok=True))
+    files = write_comparison(comparison, stem)
+    typer.echo(comparison.markdown().split("\n## ")[0].rstrip())
+    typer.echo("\ncomparison: " + ", ".join(str(f) for f in files if f.suffix in (".md", ".html")))
+
+
+@app.command("compare")
+def compare_command(
+    base: Path = typer.Argument(..., help="The base run: eval_results.json or its folder."),
+    tuned: Path = typer.Argument(..., help="The tuned run: eval_results.json or its folder."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Stem of the .md and .html written (default: compare, beside TUNED)."),
+) -> None:
+    """Every metric before → after with its change, and the samples that changed most; Markdown and HTML."""
+    tuned_dir = tuned if tuned.is_dir() else tuned.parent
+    _compare(base, tuned, output or tuned_dir.parent / "compare")
+
+
+@app.command("predict")
+def predict_command(
+    config: Optional[Path] = typer.Argument(None, help="A training config: its trained model and template."),
+    args: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides of the config."),
+    dataset: list[str] = typer.Option(..., "--dataset", help="Dataset names or files to answer."),
+    output: Path = typer.Option(..., "-o", "--output", help="The JSONL written: ref, prompt, reference, prediction per sample."),
+    model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=_ADAPTER_HELP),
+    template: Optional[str] = typer.Option(None, "--template", help="Built-in chat template replacing the tokenizer's own."),
+    dataset_dir: Optional[str] = typer.Option(None, "--dataset-dir", help=_DATA_DIR_HELP),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Answer at most this many samples of each dataset."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Samples per batch (default: per_device_eval_batch_size)."),
+) -> None:
+    """Generate an answer for every sample of a dataset (batched, with the trained template), into a JSONL file."""
+    from sftlab.evaluate.results import Prediction, write_predictions
+    from sftlab.evaluate.run import predict, questions, samples_from_datasets
+    from sftlab.infer.generate import GenerationSettings
+
+    cfg, trained = _inference_config(config, args, model, dataset=dataset, dataset_dir=dataset_dir,
+                                     per_device_eval_batch_size=batch_size, adapter=adapter, template=template)
+    asked, skipped = questions(samples_from_datasets(cfg.dataset, cfg.dataset_dir, max_samples), cfg.default_system)
+    for ref, reason in skipped[:3]:
+        typer.secho(f"{ref}: skipped ({reason})", fg="yellow", err=True)
+    model_obj, tokenizer = _load(trained, cfg)
+    kwargs = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+    with _count_progress(len(asked), "Generating") as on_batch:
+        answers = predict(model_obj, tokenizer, asked, GenerationSettings.from_config(cfg), cfg.per_device_eval_batch_size, kwargs, on_batch)
+    write_predictions(output, [Prediction(i, q.sample.ref, q.prompt_text, q.reference, a) for i, (q, a) in enumerate(zip(asked, answers))])
+    typer.echo(f"{len(answers):,} predictions → {output}" + (f" ({len(skipped)} unreadable samples skipped)" if skipped else ""))
+
+
+@app.command("chat")
+def chat_command(
+    config: Optional[Path] = typer.Argument(None, help="A training config: chat with its trained model and template."),
+    args: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides of the config (e.g. temperature=0.7)."),
+    model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=_ADAPTER_HELP),
+    template: Optional[str] = typer.Option(None, "--template", help="Built-in chat template replacing the tokenizer's own."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the config's default_system, else the template's)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="0 = greedy (default: the config's)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling with temperature > 0."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Longest answer in tokens."),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="1.0 = off."),
+) -> None:
+    """Multi-turn chat in the terminal, streamed, with the template saved at training time. /clear, /system TEXT, /exit."""
+    from sftlab.infer.chat import chat_loop
+    from sftlab.infer.generate import GenerationSettings
+
+    cfg, trained = _inference_config(config, args, model, adapter=adapter, template=template)
+    settings = GenerationSettings.from_config(cfg, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                              repetition_penalty=repetition_penalty)
+    model_obj, tokenizer = _load(trained, cfg)
+    kwargs = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+    chat_loop(model_obj, tokenizer, settings, system if system is not None else cfg.default_system, sys.stdin, sys.stdout, kwargs)
+
+
+@app.command("export")
+def export_command(
+    config: Optional[Path] = typer.Argument(None, help="A training config: merge its trained adapter (export_dir, export_size from it)."),
+    args: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides of the config."),
+    model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=_ADAPTER_HELP),
+    export_dir: Optional[str] = typer.Option(None, "--export-dir", help="Where the merged model goes (default: the config's export_dir)."),
+    export_size: Optional[float] = typer.Option(None, "--export-size", help="Largest safetensors shard in GB (default 5)."),
+) -> None:
+    """Merge LoRA into the base weights and save a plain Hugging Face model (safetensors, tokenizer, template, generation config)."""
+    from sftlab.export.merge import export_model
+
+    cfg, trained = _inference_config(config, args, model, adapter=adapter, export_dir=export_dir, export_size=export_size)
+    if not cfg.export_dir:
+        raise SftlabError("no export_dir: set it in the config or pass --export-dir")
+    log = logging.getLogger("sftlab")
+    result = export_model(trained, Path(cfg.export_dir), shard_gb=cfg.export_size, on_progress=log.info,
+                          trust_remote_code=cfg.trust_remote_code)
+    for line in result.lines():
+        typer.echo(line)
 
 
 @app.command("config-docs")

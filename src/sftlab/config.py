@@ -57,7 +57,7 @@ class SFTConfig(BaseModel):
 
     # --- optimisation
     per_device_train_batch_size: int = Field(1, ge=1, description="Samples per micro-batch on each device.")
-    per_device_eval_batch_size: int = Field(1, ge=1, description="Samples per evaluation batch on each device.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Samples per evaluation batch on each device (loss and generation).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; effective batch = per-device × this × devices.")
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use num_train_epochs).")
@@ -76,6 +76,18 @@ class SFTConfig(BaseModel):
     peak_tflops: float | None = Field(None, gt=0, description="Device peak TFLOP/s for the MFU metric (default: a table of GPUs; on CPU a matmul measured at start).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
+
+    # --- evaluation, generation and export (sftlab eval / chat / predict / export)
+    adapter_name_or_path: str | None = Field(None, description="A LoRA adapter directory to load on top of the model for eval, chat, predict and export (default: the run's output_dir when it holds an adapter).")
+    do_eval_baseline: bool = Field(False, description="Evaluate the base model on the validation split before training and the trained one after, and print the comparison.")
+    predict_with_generate: bool = Field(False, description="Evaluation also generates answers and scores them (BLEU-4, chrF, ROUGE, exact match, eval_scorers).")
+    eval_scorers: list[str] = Field(default_factory=list, description="Extra per-sample scorers for generated answers: json_valid, json_fields, regex:PATTERN, or module:function.")
+    max_new_tokens: int = Field(512, ge=1, description="Longest generated answer in tokens (eval, chat, predict).")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this much probability (with temperature > 0).")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="Penalise tokens already generated (1.0 = off).")
+    export_dir: str | None = Field(None, description="sftlab export: where the merged model goes.")
+    export_size: float = Field(5.0, gt=0, description="sftlab export: largest safetensors shard in GB.")
 
     # --- logging and saving
     logging_steps: int = Field(10, ge=1, description="Log train loss, lr, grad norm and speed every N steps.")
@@ -101,6 +113,15 @@ class SFTConfig(BaseModel):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
 
+    @field_validator("eval_scorers", mode="before")
+    @classmethod
+    def _split_scorers(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [v.strip()] if v.strip().startswith("regex:") else [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _report_none(cls, v: Any) -> Any:
@@ -114,6 +135,8 @@ class SFTConfig(BaseModel):
             raise ValueError("dataset is empty: name a dataset from dataset_info.json or a data file")
         if self.packing and self.group_by_length:
             raise ValueError("packing and group_by_length are both true: packing already fills rows without padding; drop group_by_length")
+        if self.do_eval_baseline and self.val_size <= 0:
+            raise ValueError("do_eval_baseline: true needs a validation split to evaluate on; set val_size (e.g. 0.1)")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise ValueError(f"val_size {self.val_size}: use a fraction below 1 or a whole number of samples")
         return self

@@ -213,3 +213,19 @@ def test_a_batch_encodes_as_each_row_alone_and_bad_rows_stay_in_place(qwen_token
         assert [(e.input_ids, e.labels, e.status) for e in result] == [(e.input_ids, e.labels, e.status) for e in alone]
     assert batch[2][0].status == "too_long" and batch[0][0].status == "kept" and len(batch[4]) == 2  # a view: history drops <think>
     assert encode_rows([rows[1]], spec, qwen_tokenizer, **options)[0].args == batch[1].args  # a batch of only bad rows
+
+
+def test_cached_encodings_are_keyed_by_the_encoding_code(tmp_path, tiny_model_dir, alpaca_file, monkeypatch):
+    """datasets fingerprints a module-level map function by name only: a changed sftlab must not reuse
+    encodings an older version cached. The same code and inputs do reuse them."""
+    from sftlab.data import pipeline
+    from sftlab.data.sources import resolve_sources
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = load_config(None, [], model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file))
+    source = resolve_sources(cfg.dataset, cfg.dataset_dir)[0]
+    options = pipeline.encode_options(cfg, tokenizer)
+    first = pipeline.encode_source(cfg, tokenizer, source, options).cache_files
+    assert pipeline.encode_source(cfg, tokenizer, source, options).cache_files == first
+    monkeypatch.setattr(pipeline, "encoding_code_version", lambda: "another version")
+    assert pipeline.encode_source(cfg, tokenizer, source, options).cache_files != first

@@ -6,14 +6,19 @@ dropped, too long, not prefix-stable, nothing to train) are counted and the firs
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 import pyarrow.compute as pc
+import xxhash
+from datasets.fingerprint import Hasher
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
@@ -91,6 +96,7 @@ class Data:
     train: datasets.Dataset  # columns: input_ids, labels
     eval: datasets.Dataset | None
     report: DataReport
+    eval_refs: list[str] = field(default_factory=list)  # the validation samples' rows ("<dataset> sample <i>"), for generation
 
 
 def encode_row(row: dict[str, Any], spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, **options: Any) -> list[Encoded]:
@@ -179,6 +185,9 @@ def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: So
     limit = min(n for n in (cfg.max_samples, source.num_samples, len(ds)) if n is not None)
     ds = ds.select(range(limit))
     workers = min(cfg.preprocessing_num_workers or 1, os.cpu_count() or 1)
+    if workers > 1:
+        no_tokenizer_threads_in_forks()
+    kwargs = dict(spec=spec, name=source.name, tokenizer=tokenizer, **options)
     return ds.map(
         _encode_batch,
         with_indices=True,
@@ -186,9 +195,27 @@ def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: So
         batch_size=256,
         remove_columns=ds.column_names,
         num_proc=workers if workers > 1 and len(ds) >= 256 * workers else None,
-        fn_kwargs=dict(spec=spec, name=source.name, tokenizer=tokenizer, **options),
+        fn_kwargs=kwargs,
+        # datasets fingerprints a module-level function by its name, not its code: without the code's own hash an
+        # upgraded sftlab would reuse encodings the previous version cached
+        new_fingerprint=Hasher.hash([ds._fingerprint, kwargs, encoding_code_version()]),
         desc=f"Encoding {source.name}",
     )
+
+
+@functools.cache
+def encoding_code_version() -> str:
+    """A hash of the source of every module that turns a row into input_ids and labels."""
+    from sftlab.data import check, formats, render, templates
+
+    modules = (sys.modules[__name__], check, formats, render, templates)
+    return xxhash.xxh3_64_hexdigest("".join(inspect.getsource(m) for m in modules).encode("utf-8"))
+
+
+def no_tokenizer_threads_in_forks() -> None:
+    """Before forking encoding processes: the fast tokenizer's thread pool does not survive a fork (it warns and
+    turns itself off in the child); each process then tokenizes on one thread. Unforked, a batch uses all cores."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
@@ -218,11 +245,13 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
 
     if not any(report.counts[s] for s in TRAINED_STATUSES):
         raise SftlabError("no sample is left to train on: " + " ".join(report.lines()[1:]).strip())
-    trained = encoded.filter(lambda s: s in TRAINED_STATUSES, input_columns="status").select_columns(["input_ids", "labels"])
+    trained = encoded.filter(lambda s: s in TRAINED_STATUSES, input_columns="status").select_columns(["input_ids", "labels", "ref", "status"])
     _count_tokens(trained, report)
     train, val = _split(trained, cfg.val_size, cfg.seed)
+    eval_refs = [] if val is None else list(dict.fromkeys(r for r, s in zip(val["ref"], val["status"]) if s != VIEW))
+    train, val = (None if d is None else d.select_columns(["input_ids", "labels"]) for d in (train, val))
     report.cutoff_len, report.n_train, report.n_eval = cfg.cutoff_len, len(train), len(val) if val is not None else 0
-    return Data(train, val, report)
+    return Data(train, val, report, eval_refs)
 
 
 def _count_problems(encoded: datasets.Dataset, report: DataReport) -> None:

@@ -22,7 +22,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.formats import FormatSpec, Message, RowError, to_messages
-from sftlab.data.pipeline import encode_rows
+from sftlab.data.pipeline import encode_rows, no_tokenizer_threads_in_forks
 from sftlab.data.render import IGNORE_INDEX, KEPT, VIEW, split_reasoning
 from sftlab.data.rows import first_value, iter_rows, row_spec
 from sftlab.data.sources import Source
@@ -192,6 +192,7 @@ def compute_stats(
     context = dict(tokenizer=tokenizer, options={**options, "cutoff_len": _NO_LIMIT}, special=special)
     batches = _batches(sources, specs, max_samples, on_bytes)
     if workers > 1:
+        no_tokenizer_threads_in_forks()
         with multiprocessing.get_context("fork").Pool(workers, _init_worker, (context,)) as pool:
             pending: deque = deque()  # in order; bounded, so reading never runs far ahead of the workers (Pool.imap would)
             for batch in batches:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from sftlab.data.stats import COVERAGE, LANGUAGES, OVER_ADVICE, Stats
-from sftlab.report.page import Page, atomic_write, new_figure
+from sftlab.files import atomic_write
+from sftlab.report.page import Page, new_figure
 
 _LANGUAGE_NAMES = {"cjk": "mostly CJK", "latin": "mostly Latin", "other": "mostly another script (or no letters)", "mixed": "mixed"}
 

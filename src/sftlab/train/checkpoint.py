@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.errors import SftlabError
+from sftlab.files import fsync_tree, replace_dir
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -37,13 +38,6 @@ class TrainState:
     eval_loss: float | None = None
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None) -> None:
     """Atomically write ``target`` holding the model or adapter, tokenizer and config.yaml.
 
@@ -57,15 +51,9 @@ def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None) 
         (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         if extra is not None:
             extra(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.chmod(tmp, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

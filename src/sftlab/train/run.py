@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -154,8 +155,10 @@ def run_training(cfg: SFTConfig) -> Path:
              len(data.train), len(data.eval) if data.eval is not None else 0, total, schedule.steps_per_epoch,
              cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
 
-    metrics = MetricsWriter(out, cfg.report_to, cfg.model_dump(), resume_step=state.step)
     trained = lambda: accelerator.unwrap_model(module).model  # noqa: E731
+    if cfg.do_eval_baseline and checkpoint is None and accelerator.is_main_process:
+        evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval_baseline", baseline=True)
+    metrics = MetricsWriter(out, cfg.report_to, cfg.model_dump(), resume_step=state.step)
     save = lambda s: save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s)  # noqa: E731
     try:
         with stop_on_signals() as stop, Progress(total, state.step, enabled=accelerator.is_main_process) as progress:
@@ -177,7 +180,47 @@ def run_training(cfg: SFTConfig) -> Path:
     save(state)
     publish_final(out, trained(), tokenizer, cfg)
     log.info("saved the final %s to %s", "adapter" if cfg.finetuning_type == "lora" else "model", out)
+    if cfg.do_eval_baseline and accelerator.is_main_process:
+        evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval", baseline=False)
+        before_after(out)
     return out
+
+
+def evaluate_split(cfg: SFTConfig, model, tokenizer, refs: list[str], out_dir: Path, baseline: bool) -> None:
+    """Evaluate ``model`` (the base before training, the result after) on the validation split into ``out_dir``."""
+    from sftlab.evaluate.run import evaluate, samples_from_refs
+
+    log.info("evaluating the %s model on the %d validation samples…", "base" if baseline else "trained", len(refs))
+    started = time.perf_counter()
+    lora = cfg.finetuning_type == "lora"
+    name, adapter = (cfg.model_name_or_path, None) if baseline else (cfg.model_name_or_path, cfg.output_dir) if lora else (cfg.output_dir, None)
+    results, predictions = evaluate(
+        model, tokenizer, samples_from_refs(cfg.dataset, cfg.dataset_dir, refs), cfg, model_name=name, adapter=adapter,
+        datasets=[f"{', '.join(cfg.dataset)} (validation split)"], with_generation=cfg.predict_with_generate,
+        scorers=cfg.eval_scorers, batch_size=cfg.per_device_eval_batch_size)
+    results.write(out_dir, predictions or None)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in results.metrics.items() if v is not None and k in _HEADLINE + tuple(cfg.eval_scorers))
+    log.info("%s model: %s (%.0f s) → %s", "base" if baseline else "trained", shown, time.perf_counter() - started, out_dir)
+
+
+_HEADLINE = ("eval_loss", "exact_match", "rouge-l")
+
+
+def before_after(out: Path) -> None:
+    """Compare ``out``/eval_baseline with ``out``/eval: log the metric table, write compare.md and compare.html."""
+    from sftlab.evaluate.compare import compare, format_change
+    from sftlab.evaluate.results import EvalResults, read_predictions
+    from sftlab.report.compare_report import write_comparison
+
+    base, tuned = out / "eval_baseline", out / "eval"
+    comparison = compare(EvalResults.read(base), EvalResults.read(tuned), read_predictions(base, missing_ok=True),
+                         read_predictions(tuned, missing_ok=True))
+    log.info("before → after training (validation split):")
+    for m in comparison.metrics:
+        before, after, delta = format_change(m)
+        log.info("  %-12s %10s → %-10s %s %s", m.name, before, after, delta, m.verdict)
+    files = write_comparison(comparison, out / "compare")
+    log.info("comparison: %s", ", ".join(str(f) for f in files if f.suffix in (".md", ".html")))
 
 
 def publish_final(out: Path, model, tokenizer, cfg: SFTConfig) -> None:
