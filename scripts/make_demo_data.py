@@ -9,7 +9,7 @@ Each input is a short English (60%) or Chinese (40%) sentence giving a person's
 name, age and city, sometimes with a distracting job/hobby fact; the output is
 the compact one-line JSON {"name": str, "age": int, "city": str}. The task is
 small enough for a 135M model to learn on CPU in a few hundred LoRA steps, and
-it can be scored automatically (scripts/score_person_json.py).
+it can be scored automatically (sftlab eval with eval_scorers json_valid, json_fields).
 
 Generation is stdlib-only and seeded: rerunning rewrites the files byte-identically.
 Test names are drawn from given-name pools disjoint from train, so no test input

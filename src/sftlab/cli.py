@@ -471,8 +471,8 @@ def eval_command(
             lat = results.latency
             typer.echo(f"  latency      first token {lat['first_token_s'] * 1000:.1f} ms, then {lat['per_token_s'] * 1000:.2f} ms/token "
                        f"({lat['tokens_per_s'] or 0:.1f} tokens/s), r² {lat['r2']:.3f}")
-    if baseline:
-        _compare(runs[0][2], runs[1][2], out.with_name("compare"))
+    if baseline:  # OUTPUT_DIR/eval → OUTPUT_DIR/compare, as training writes it; -o X → X_compare
+        _compare(runs[0][2], runs[1][2], out.with_name("compare" if out.name == "eval" else f"{out.name}_compare"))
 
 
 @contextmanager
