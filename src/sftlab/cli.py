@@ -590,6 +590,32 @@ def export_command(
         typer.echo(line)
 
 
+@app.command("report")
+def report_command(
+    output_dir: Path = typer.Argument(..., help="A training run's output_dir (it holds metrics.jsonl)."),
+    watch: bool = typer.Option(False, "--watch", help="Re-render every --every seconds while the run goes on (Ctrl-C to stop)."),
+    every: float = typer.Option(10.0, "--every", min=1.0, help="Seconds between renders with --watch."),
+) -> None:
+    """Loss curves (raw and smoothed, eval loss), lr, grad norm, speed, memory, diagnosis, before/after; HTML + PNGs."""
+    import time
+
+    from sftlab.report.training_report import write_training_report
+
+    seen: object = ...  # nothing rendered yet
+    while True:
+        stamp = (output_dir / "metrics.jsonl").stat().st_mtime if (output_dir / "metrics.jsonl").is_file() else None
+        if stamp != seen:
+            files, findings = write_training_report(output_dir)
+            seen = stamp
+            typer.echo(f"report: {files[-1]} ({time.strftime('%X')})")
+            if not watch:
+                for f in findings:
+                    typer.echo(f"{f.severity}: {f.title} — {f.evidence}. {f.advice}")
+        if not watch:
+            return
+        time.sleep(every)
+
+
 @app.command("config-docs")
 def config_docs(output: Path = typer.Option(Path("docs/config.md"), help="Where to write the reference.")) -> None:
     """Regenerate the config reference from the config declaration."""

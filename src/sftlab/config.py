@@ -96,6 +96,7 @@ class SFTConfig(BaseModel):
     save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints (oldest removed first).")
     output_dir: str = Field("saves/run", description="Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
     overwrite_output_dir: bool = Field(False, description="Allow starting over in an output_dir that already holds a run.")
+    plot_loss: bool = Field(True, description="At the end of training, write report.html (curves, diagnosis, before/after) and training_loss.png into output_dir, and print the diagnosis.")
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="Also log to TensorBoard (output_dir/runs) or Weights & Biases.")
     resume_from_checkpoint: str | bool | None = Field(None, description="Continue from a checkpoint directory, or true for the latest in output_dir.")
 

@@ -122,3 +122,21 @@ def test_export_cli_merges_the_adapter(trained_run, tmp_path):
     chat = _cli("chat", str(cfg), input="Say hi\n")
     assert chat.returncode == 0, chat.stderr
     assert tokenizer.decode(new, skip_special_tokens=True).strip() == chat.stdout.strip()  # plain transformers = sftlab chat
+    merged = _cli("chat", "--model", str(export), "--max-new-tokens", "8", input="Say hi\n")  # the merged model in chat
+    assert merged.returncode == 0 and merged.stdout == chat.stdout
+
+
+def test_training_writes_the_report_and_the_cli_renders_it_again(trained_run):
+    cfg, out = trained_run
+    page = (out / "report.html").read_text(encoding="utf-8")  # written at the end of training (plot_loss: true)
+    for png in ("training_loss.png", "training_eval_loss.png", "training_lr.png", "training_grad_norm.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert page.count('<img src="data:image/png;base64,') >= 4 and "Diagnosis" in page
+    assert "Before → after training" in page and "exact_match" in page and "per_device_train_batch_size: 4" in page
+    (out / "report.html").unlink()
+    run = _cli("report", str(out))
+    assert run.returncode == 0, run.stderr
+    assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in run.stdout
+    missing = _cli("report", str(out.parent))
+    assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr

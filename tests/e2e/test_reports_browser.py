@@ -63,3 +63,29 @@ def test_stats_and_dedup_reports_render_offline(tmp_path, smol_dir):
     assert dedup["images"] and all(done and w > 100 for done, w, *_ in dedup["images"])
     assert "exact" in dedup["text"].lower() and "oslo" in dedup["text"].lower()  # the planted duplicate is shown
     assert [u for u in dedup["requests"] if not u.startswith(("file:", "data:"))] == []
+
+
+def test_training_report_renders_offline_with_its_diagnosis(tmp_path):
+    """A run that overfits: the report shows the curves and names the problem, offline."""
+    import math
+
+    from sftlab.report.training_report import write_training_report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    records = []
+    for step in range(10, 610, 10):
+        record = {"step": step, "epoch": round(step / 200, 4), "loss": 2.0 * math.exp(-step / 120) + 0.05 + 0.01 * math.sin(step),
+                  "lr": 1e-4, "grad_norm": 1.0, "tokens_per_s": 150.0, "peak_memory_gb": 4.2}
+        if step % 100 == 0:
+            record["eval_loss"] = 0.6 + (0.001 * (200 - step) if step <= 200 else 0.0012 * (step - 200))  # lowest at step 200
+        records.append(record)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    (out / "config.yaml").write_text("finetuning_type: lora\nlearning_rate: 0.0001\nnum_train_epochs: 3\n", encoding="utf-8")
+    files, findings = write_training_report(out)
+    assert "overfitting" in [f.rule for f in findings]
+
+    seen = _open_offline(out / "report.html")
+    assert len(seen["images"]) >= 4 and all(done and w > 100 and h > 100 for done, w, h, _ in seen["images"])
+    assert "Overfitting" in seen["text"] or "overfitting" in seen["text"]
+    assert "step 200" in seen["text"] and [u for u in seen["requests"] if not u.startswith(("file:", "data:"))] == []

@@ -183,7 +183,21 @@ def run_training(cfg: SFTConfig) -> Path:
     if cfg.do_eval_baseline and accelerator.is_main_process:
         evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval", baseline=False)
         before_after(out)
+    if cfg.plot_loss and accelerator.is_main_process:
+        write_report(out)
     return out
+
+
+def write_report(out: Path) -> None:
+    """report.html and the PNGs; the diagnosis goes to the log (warnings and errors as warnings)."""
+    from sftlab.report.training_report import write_training_report
+
+    files, findings = write_training_report(out)
+    for f in findings:
+        (log.info if f.severity == "info" else log.warning)("%s — %s. %s", f.title, f.evidence, f.advice)
+    if not findings:
+        log.info("diagnosis: nothing unusual in the loss curves")
+    log.info("report: %s", files[-1])
 
 
 def evaluate_split(cfg: SFTConfig, model, tokenizer, refs: list[str], out_dir: Path, baseline: bool) -> None:
