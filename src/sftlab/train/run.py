@@ -182,7 +182,10 @@ def run_training(cfg: SFTConfig) -> Path:
     log.info("saved the final %s to %s", "adapter" if cfg.finetuning_type == "lora" else "model", out)
     if cfg.do_eval_baseline and accelerator.is_main_process:
         evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval", baseline=False)
-        before_after(out)
+        if (out / "eval_baseline" / "eval_results.json").is_file():  # a resumed run evaluated its base when it started
+            before_after(out)
+        else:
+            log.warning("no eval_baseline in %s (the run was resumed without one): nothing to compare with", out)
     if cfg.plot_loss and accelerator.is_main_process:
         write_report(out)
     return out
