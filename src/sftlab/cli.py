@@ -7,6 +7,7 @@ import logging
 import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -118,22 +119,33 @@ def _sources(data: list[str], dataset_dir: str):
 
 
 @contextmanager
-def _byte_progress(sources, what: str):
-    """A progress bar over the bytes of ``sources``; yields the ``on_bytes`` callback for iter_rows.
-
-    Drawn on stderr, only on a terminal (piped output stays clean).
-    """
+def _progress(total: int, what: str, counter):
+    """A progress bar to ``total`` (``counter``: rich's column that shows the count); yields the callback that
+    advances it. Drawn on stderr, only on a terminal and when there is something to count (piped output stays clean)."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(f"[bold]{what}", BarColumn(), counter, TimeRemainingColumn(), console=console,
+                  disable=not (console.is_terminal and total), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _byte_progress(sources, what: str):
+    """A progress bar over the bytes of ``sources``; yields the ``on_bytes`` callback for iter_rows."""
+    from rich.progress import DownloadColumn
 
     from sftlab.data.rows import total_bytes
 
-    console = Console(stderr=True)
-    total = sum(total_bytes(s) for s in sources)
-    with Progress(f"[bold]{what}", BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console,
-                  disable=not console.is_terminal, transient=True) as bar:
-        task = bar.add_task(what, total=total)
-        yield lambda n: bar.advance(task, n)
+    return _progress(sum(total_bytes(s) for s in sources), what, DownloadColumn())
+
+
+def _count_progress(total: int, what: str):
+    """A progress bar over ``total`` samples; yields the callback that counts finished ones."""
+    from rich.progress import MofNCompleteColumn
+
+    return _progress(total, what, MofNCompleteColumn())
 
 _DATA_DIR_HELP = "Folder with dataset_info.json, for dataset names (paths work without it)."
 
@@ -398,16 +410,12 @@ def _inference_config(config: Optional[Path], args: Optional[list[str]], model: 
 
 
 def _load(trained, cfg):
+    import torch
+
     from sftlab.model.load import load_for_inference
 
     logging.getLogger("sftlab").info("loading %s", trained.describe())
-    return load_for_inference(trained, "cuda" if torch_cuda() else "cpu", trust_remote_code=cfg.trust_remote_code)
-
-
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return load_for_inference(trained, "cuda" if torch.cuda.is_available() else "cpu", trust_remote_code=cfg.trust_remote_code)
 
 
 @app.command("eval")
@@ -449,7 +457,7 @@ def eval_command(
         samples, names = samples_from_datasets(cfg.dataset, cfg.dataset_dir, max_samples), list(cfg.dataset)
     runs = [("tuned", trained, out)]
     if baseline:
-        base = trained_from_config(cfg, tuned=False) if config else type(trained)(trained.model_dir, None, trained.model_dir, trained.template)
+        base = trained_from_config(cfg, tuned=False) if config else replace(trained, adapter_dir=None, tokenizer_dir=trained.model_dir)
         runs.insert(0, ("base", base, out.with_name(out.name + "_baseline")))
     for which, what, where in runs:
         model_obj, tokenizer = _load(what, cfg)
@@ -473,20 +481,6 @@ def eval_command(
                        f"({lat['tokens_per_s'] or 0:.1f} tokens/s), r² {lat['r2']:.3f}")
     if baseline:  # OUTPUT_DIR/eval → OUTPUT_DIR/compare, as training writes it; -o X → X_compare
         _compare(runs[0][2], runs[1][2], out.with_name("compare" if out.name == "eval" else f"{out.name}_compare"))
-
-
-@contextmanager
-def _count_progress(total: int, what: str):
-    """A progress bar over ``total`` samples on a terminal (nothing when total is 0 or output is piped)."""
-    if not total or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
-        task = bar.add_task(what, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def _compare(base: Path, tuned: Path, stem: Path) -> None:

@@ -14,7 +14,6 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -184,24 +183,21 @@ def measure_latency(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], device=device)
     points = []
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
-                   pad_token_id=tokenizer.pad_token_id)  # warm-up
+    def run(x: int) -> None:  # exactly x new tokens: no stop token ends it early
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), min_new_tokens=x, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=None, use_cache=True, **GenerationSettings(max_new_tokens=x).kwargs())
+
+    run(2)  # warm-up
     for x in lengths:
         best = math.inf
         for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=x, min_new_tokens=x,
-                           do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None, use_cache=True,
-                           temperature=None, top_p=None, top_k=None)
+            run(x)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
         points.append((x, best))
     fit = fit_latency(points)
     return {**fit.to_dict(), "prompt_tokens": len(prompt), "points": [{"new_tokens": x, "seconds": round(t, 5)} for x, t in points]}
-
-
-def write(results: EvalResults, predictions: Sequence[Prediction], out_dir: Path) -> list[Path]:
-    return results.write(out_dir, predictions if predictions else None)

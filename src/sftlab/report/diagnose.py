@@ -164,11 +164,6 @@ def diagnose(records: list[dict], info: RunInfo | None = None) -> list[Finding]:
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.steps[0] if f.steps else -1))
 
 
-def format_findings(findings: list[Finding]) -> str:
-    """The findings as console text (empty when there are none)."""
-    return "\n".join(str(f) for f in findings)
-
-
 # -- helpers ------------------------------------------------------------------------------------------
 
 
