@@ -140,3 +140,28 @@ def test_training_writes_the_report_and_the_cli_renders_it_again(trained_run):
     assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in run.stdout
     missing = _cli("report", str(out.parent))
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
+
+
+def test_after_training_commands_name_what_is_missing(tmp_path, tiny_model_dir, alpaca_file):
+    from sftlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="do_eval_baseline: true needs a validation split to evaluate on; set val_size"):
+        load_config(None, [], model_name_or_path="m", dataset="d", do_eval_baseline=True)
+    cfg = write_config(tmp_path / "c.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file),
+                       output_dir=str(tmp_path / "never"), finetuning_type="lora")
+    cases = [
+        (("eval",), "give a training config, or the model with --model"),
+        (("eval", str(cfg), "oops"), "extra argument 'oops': arguments after the config are key=value overrides"),
+        (("eval", str(cfg)), "holds no trained adapter yet; train first"),
+        (("export", "--model", str(tiny_model_dir)), "no export_dir: set it in the config or pass --export-dir"),
+        (("eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path)), "not a LoRA adapter directory (no adapter_config.json)"),
+    ]
+    for args, message in cases:
+        run = _cli(*args)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+
+
+def test_eval_of_a_config_without_a_validation_split_asks_for_a_dataset(trained_run):
+    cfg, _ = trained_run
+    run = _cli("eval", str(cfg), "val_size=0", "do_eval_baseline=false")
+    assert run.returncode == 2 and "no validation split (val_size: 0); give --dataset to evaluate on" in run.stderr, run.stderr
