@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -51,14 +52,25 @@ def _setup_logging() -> None:
 def train(
     config: Path = typer.Argument(..., help="YAML config (see examples/)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. learning_rate=1e-4"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (one per GPU): relaunches through torchrun (DDP)."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines taking part; run the same command on each, with its --node-rank."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's index among --nnodes (0 is the main one)."),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Address of node 0, reachable from every node."),
+    master_port: int = typer.Option(29500, "--master-port", help="A free port on node 0."),
 ) -> None:
     """Fine-tune a model as the config says; writes checkpoints, metrics and the result to output_dir."""
     from sftlab.config import load_config
+    from sftlab.train.launch import launched, run_launcher, torchrun_command
     from sftlab.train.run import run_training
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [])  # checked once, before any process starts
+    if (nproc > 1 or nnodes > 1) and not launched():
+        command = torchrun_command(str(config), overrides or [], nproc, nnodes, node_rank, master_addr, master_port)
+        logging.getLogger("sftlab").info("launching %d process(es) on this node: %s", nproc, " ".join(command[1:]))
+        raise typer.Exit(run_launcher(command))
     out = run_training(cfg)
-    typer.echo(f"done: {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not per rank
+        typer.echo(f"done: {out}")
 
 
 @data_app.command("preview")
@@ -587,27 +599,55 @@ def export_command(
 @app.command("report")
 def report_command(
     output_dir: Path = typer.Argument(..., help="A training run's output_dir (it holds metrics.jsonl)."),
-    watch: bool = typer.Option(False, "--watch", help="Re-render every --every seconds while the run goes on (Ctrl-C to stop)."),
+    watch: bool = typer.Option(False, "--watch", help="Follow a running training: re-render the page (which then reloads itself) and a terminal view every --every seconds, until the run ends (or Ctrl-C)."),
     every: float = typer.Option(10.0, "--every", min=1.0, help="Seconds between renders with --watch."),
 ) -> None:
-    """Loss curves (raw and smoothed, eval loss), lr, grad norm, speed, memory, diagnosis, before/after; HTML + PNGs."""
+    """Loss curves (raw and smoothed, eval loss), token accuracy, lr, grad norm, speed, memory, diagnosis, before/after; HTML + PNGs."""
     import time
 
-    from sftlab.report.training_report import write_training_report
+    from rich.console import Console
+    from rich.live import Live
 
+    from sftlab.report.diagnose import read_metrics
+    from sftlab.report.live import status, status_view
+    from sftlab.report.training_report import finished, write_training_report
+
+    if not watch:
+        files, findings = write_training_report(output_dir)
+        typer.echo(f"report: {files[-1]}")
+        for f in findings:
+            typer.echo(f"{f.severity}: {f.title} — {f.evidence}. {f.advice}")
+        return
+    console = Console()
+    metrics = output_dir / "metrics.jsonl"
     seen: object = ...  # nothing rendered yet
-    while True:
-        stamp = (output_dir / "metrics.jsonl").stat().st_mtime if (output_dir / "metrics.jsonl").is_file() else None
-        if stamp != seen:
-            files, findings = write_training_report(output_dir)
-            seen = stamp
-            typer.echo(f"report: {files[-1]} ({time.strftime('%X')})")
-            if not watch:
-                for f in findings:
-                    typer.echo(f"{f.severity}: {f.title} — {f.evidence}. {f.advice}")
-        if not watch:
-            return
-        time.sleep(every)
+    with Live(console=console, auto_refresh=False, transient=False) if console.is_terminal else nullcontext() as live:
+        while True:
+            stamp = metrics.stat().st_mtime_ns if metrics.is_file() else None
+            if stamp is None and seen is ...:
+                typer.echo(f"waiting for {metrics} (the run has not started logging)…", err=True)
+                seen = None
+            elif stamp != seen:
+                seen = stamp
+                records = read_metrics(metrics)  # once: the page and the view show the same steps
+                files, findings = write_training_report(output_dir, refresh=max(1, round(every)), records=records)
+                if live is not None:
+                    live.update(status_view(output_dir, records, findings), refresh=True)
+                else:  # not a terminal (a log file, a pipe): one line per change
+                    typer.echo(f"{time.strftime('%X')} {status(records)}"
+                               + (f" | loss {records[-1]['loss']:.4f}" if records and records[-1].get("loss") is not None else "")
+                               + "".join(f" | {f.severity}: {f.title}" for f in findings if f.severity != "info"))
+                if finished(records):
+                    break
+            time.sleep(every)
+    typer.echo(f"report: {files[-1]}")
+
+
+_TARGET_HELP = dict(
+    gpus="Devices the run is spread over (data parallel).",
+    memory="Memory of each device, e.g. 80GB or 24G (GB = GiB). Given: a GPU; else the GPU here, or this CPU's free RAM.",
+    device="gpu or cpu (default: gpu when --gpu-memory is given or a GPU is visible, else cpu).",
+)
 
 
 @app.command("config-docs")

@@ -76,6 +76,7 @@ class SFTConfig(BaseModel):
     peak_tflops: float | None = Field(None, gt=0, description="Device peak TFLOP/s for the MFU metric (default: a table of GPUs; on CPU a matmul measured at start).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
+    nan_policy: Literal["stop", "skip_step"] = Field("stop", description="A step whose loss or gradient norm is NaN/inf is never applied. stop: save the last good state as a checkpoint and exit with an error; skip_step: drop that step and go on (stops after 10 in a row).")
 
     # --- evaluation, generation and export (sftlab eval / chat / predict / export)
     adapter_name_or_path: str | None = Field(None, description="A LoRA adapter directory to load on top of the model for eval, chat, predict and export (default: the run's output_dir when it holds an adapter).")
@@ -92,6 +93,9 @@ class SFTConfig(BaseModel):
     # --- logging and saving
     logging_steps: int = Field(10, ge=1, description="Log train loss, lr, grad norm and speed every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate on the validation split every N steps (default: only at the end).")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop when eval_loss has not improved for this many evaluations in a row (needs val_size and eval_steps).")
+    early_stopping_threshold: float = Field(0.0, ge=0.0, description="Smallest drop of eval_loss that counts as an improvement for early_stopping_patience.")
+    load_best_model_at_end: bool = Field(False, description="Checkpoint each new best eval_loss and make the best one the final model (needs val_size and eval_steps; kept beyond save_total_limit).")
     save_steps: int = Field(500, ge=1, description="Write a checkpoint every N steps (and always at the end).")
     save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints (oldest removed first).")
     output_dir: str = Field("saves/run", description="Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
@@ -138,6 +142,9 @@ class SFTConfig(BaseModel):
             raise ValueError("packing and group_by_length are both true: packing already fills rows without padding; drop group_by_length")
         if self.do_eval_baseline and self.val_size <= 0:
             raise ValueError("do_eval_baseline: true needs a validation split to evaluate on; set val_size (e.g. 0.1)")
+        for key in ("early_stopping_patience", "load_best_model_at_end"):
+            if getattr(self, key) and (self.val_size <= 0 or not self.eval_steps):
+                raise ValueError(f"{key} needs evaluations during training to act on; set val_size (e.g. 0.1) and eval_steps (e.g. 50)")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise ValueError(f"val_size {self.val_size}: use a fraction below 1 or a whole number of samples")
         return self

@@ -129,7 +129,7 @@ def test_export_cli_merges_the_adapter(trained_run, tmp_path):
 def test_training_writes_the_report_and_the_cli_renders_it_again(trained_run):
     cfg, out = trained_run
     page = (out / "report.html").read_text(encoding="utf-8")  # written at the end of training (plot_loss: true)
-    for png in ("training_loss.png", "training_eval_loss.png", "training_lr.png", "training_grad_norm.png"):
+    for png in ("training_loss.png", "training_eval_loss.png", "training_lr.png", "training_grad_norm.png", "training_token_accuracy.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", png
     assert page.count('<img src="data:image/png;base64,') >= 4 and "Diagnosis" in page

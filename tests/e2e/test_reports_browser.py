@@ -89,3 +89,35 @@ def test_training_report_renders_offline_with_its_diagnosis(tmp_path):
     assert len(seen["images"]) >= 4 and all(done and w > 100 and h > 100 for done, w, h, _ in seen["images"])
     assert "Overfitting" in seen["text"] or "overfitting" in seen["text"]
     assert "step 200" in seen["text"] and [u for u in seen["requests"] if not u.startswith(("file:", "data:"))] == []
+
+
+def test_live_report_reloads_itself_in_the_browser_until_the_run_ends(tmp_path):
+    """`report --watch` pages carry a reload while the run goes on: an open tab shows new steps by itself."""
+    import time
+
+    from sftlab.report.training_report import write_training_report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    record = lambda step, **extra: json.dumps({"step": step, "epoch": step / 100, "loss": 2.0 / step, "lr": 1e-4, **extra}) + "\n"  # noqa: E731
+    (out / "metrics.jsonl").write_text(record(1) + record(2))
+    write_training_report(out, refresh=1)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto((out / "report.html").as_uri(), wait_until="load")
+            assert "Live: this page reloads every 1 s" in page.inner_text("body")
+            steps = page.locator("td.num").first.inner_text()
+            assert steps == "2"
+            # the run goes on and finishes; the watcher re-renders; the open tab follows without a click
+            (out / "metrics.jsonl").write_text(record(1) + record(2) + record(3, train_runtime=5.0))
+            write_training_report(out, refresh=1)
+            deadline = time.time() + 15
+            while page.locator("td.num").first.inner_text() != "3" and time.time() < deadline:
+                time.sleep(0.3)
+            assert page.locator("td.num").first.inner_text() == "3"
+            assert "Live:" not in page.inner_text("body")  # finished: no more reloading
+        finally:
+            browser.close()
+    assert "http-equiv=\"refresh\"" not in (out / "report.html").read_text()

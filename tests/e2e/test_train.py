@@ -1,6 +1,7 @@
 """`sftlab train` end to end on a tiny model: artifacts, metrics, TensorBoard, exact resume, signals."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -59,7 +60,10 @@ def test_train_cli_writes_model_checkpoints_metrics_and_tensorboard(tmp_path, ti
     for r in records:
         assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "trained_tokens_per_s", "peak_memory_gb"} <= r.keys()
         assert r["loss"] > 0 and r["tokens_per_s"] > r["trained_tokens_per_s"] > 0 and r["peak_memory_gb"] > 0.1
+        # a random tiny model: near-uniform predictions over SmolLM2's 49,152 tokens
+        assert 0 <= r["token_accuracy"] < 0.2 and 0.5 * math.log(49152) < r["entropy"] <= math.log(49152)
     assert [("eval_loss" in r) for r in records] == [False, True, False, True]
+    assert all(0 <= r["eval_token_accuracy"] <= 1 and r["eval_entropy"] > 0 for r in records if "eval_loss" in r)
     assert records[-1]["tokens"] > records[0]["tokens"]
 
     # real TensorBoard event files with the same losses
@@ -70,6 +74,7 @@ def test_train_cli_writes_model_checkpoints_metrics_and_tensorboard(tmp_path, ti
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert losses == pytest.approx([r["loss"] for r in records], rel=1e-6)
     assert len(acc.Scalars("eval/loss")) == 2
+    assert [e.value for e in acc.Scalars("train/token_accuracy")] == pytest.approx([r["token_accuracy"] for r in records], rel=1e-6)
 
     # the saved template is the one training used, and the adapter loads onto the base model
     from peft import PeftModel

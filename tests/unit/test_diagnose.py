@@ -117,6 +117,7 @@ def test_overfitting_eval_minimum_then_rising():
     assert "eval_loss lowest 0.952 at step 400, 1.31 at step 1000 (+38%)" in f.evidence
     assert "train loss" in f.evidence
     assert "step 400 (epoch 1.6)" in f.advice and "checkpoint-N saved nearest that step" in f.advice
+    assert "early_stopping_patience" in f.advice and "load_best_model_at_end" in f.advice
     assert 400 in f.steps and 1000 in f.steps
 
 

@@ -58,9 +58,9 @@ def test_loss_is_token_mean_not_mean_of_batch_means(tiny_model_dir):
     module = TokenLoss(load_model(cfg, tiny_model_dir, torch.device("cpu")))
     rows = _samples(8, vocab=module.model.config.vocab_size)
     batches = [collate({k: v[i : i + 1] for k, v in rows.items()}, pad_id=0) for i in range(8)]
-    loss_sum, n_trained, _ = accumulate_gradients(Accelerator(cpu=True), module, batches)
+    loss_sum, n_trained = accumulate_gradients(Accelerator(cpu=True), module, batches)[:2]
     with torch.no_grad():
-        whole, n = module(**collate(rows, pad_id=0))
+        whole, n, _ = module(**collate(rows, pad_id=0))
     assert n_trained == int(n) == sum(len(l) - 1 - l[1:].count(IGNORE_INDEX) for l in rows["labels"])
     assert loss_sum == pytest.approx(whole.item(), rel=1e-5)
 
@@ -70,11 +70,12 @@ def test_selective_head_equals_full_logits(tiny_model_dir):
     module = TokenLoss(load_model(cfg, tiny_model_dir, torch.device("cpu")))
     batch = collate(_samples(4, vocab=module.model.config.vocab_size), pad_id=0)
     assert module.selective
-    fast, n = module(**batch)
+    fast, n, fast_stats = module(**batch)
     slow_module = copy.copy(module)
     slow_module.selective = False
-    slow, n2 = slow_module(**batch)
+    slow, n2, slow_stats = slow_module(**batch)
     assert n == n2 and fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    torch.testing.assert_close(fast_stats, slow_stats, rtol=1e-5, atol=1e-4)
 
 
 def test_schedule_covers_every_sample_once_per_epoch_and_is_deterministic():

@@ -43,7 +43,7 @@ def _module(tiny_model_dir, finetuning_type: str, **values) -> TokenLoss:
 
 def _loss_and_grads(module: TokenLoss, batches: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
     module.zero_grad(set_to_none=True)
-    loss, _, _ = accumulate_gradients(Accelerator(cpu=True), module, batches)
+    loss = accumulate_gradients(Accelerator(cpu=True), module, batches).loss
     return loss, {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
@@ -118,9 +118,17 @@ def test_chunked_linear_cross_entropy_equals_full_logits(needs_weight_grad):
     t = torch.randint(0, 50, (37,))
     ref = F.cross_entropy(h @ w.T, t, reduction="sum")
     ref_grads = torch.autograd.grad(2.5 * ref, [h, w] if needs_weight_grad else [h])
-    out = linear_cross_entropy(h, w, t, chunk=8)
+    out, stats = linear_cross_entropy(h, w, t, chunk=8)
     grads = torch.autograd.grad(2.5 * out, [h, w] if needs_weight_grad else [h])
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-10)
+    with torch.no_grad():  # token accuracy and entropy, from the same chunks
+        probs = torch.softmax(h @ w.T, -1)
+        correct = (probs.argmax(-1) == t).sum().item()
+        assert 0 < correct < 37
+        assert stats[0].item() == correct
+        torch.testing.assert_close(stats[1], -(probs * probs.log()).sum(), rtol=1e-10, atol=1e-10)
+        _, eval_stats = linear_cross_entropy(h, w, t, chunk=8)  # no gradient: the entropy takes its own pass
+        torch.testing.assert_close(eval_stats, stats, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
@@ -132,7 +140,7 @@ def test_chunked_loss_under_bf16_autocast_matches_linear_layer():
     t = torch.randint(0, 64, (40,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
-        out = linear_cross_entropy(h, w, t, chunk=16)
+        out, _ = linear_cross_entropy(h, w, t, chunk=16)
     (gr,), (go,) = torch.autograd.grad(ref, [h]), torch.autograd.grad(out, [h])
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(go, gr, rtol=2e-2, atol=2e-3)

@@ -95,7 +95,7 @@ def answer_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samp
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         batch = collate({"input_ids": [e.input_ids for e in chunk], "labels": [e.labels for e in chunk]}, tokenizer.pad_token_id)
-        loss_sum, n = module(**{k: v.to(device) for k, v in batch.items()})
+        loss_sum, n, _ = module(**{k: v.to(device) for k, v in batch.items()})
         total, tokens = total + float(loss_sum), tokens + int(n)
     return total / max(tokens, 1), tokens
 

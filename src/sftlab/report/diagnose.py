@@ -267,6 +267,13 @@ def _non_finite(records: list[dict], info: RunInfo) -> list[Finding]:
     if not parts:
         return []
     first = min(firsts)
+    skipped = sum(r.get("skipped_steps", 0) for r in records)
+    losses = [r["loss"] for r in records if _number(r.get("loss"))]
+    if skipped and losses and math.isfinite(losses[-1]):  # nan_policy skip_step dropped them, and training went on
+        return [Finding("non_finite", "warning", f"{skipped} step(s) had a NaN/inf loss or gradient and were skipped", "; ".join(parts),
+                        "nan_policy: skip_step dropped those updates and training went on; a rare skip is harmless, repeated ones "
+                        "mean learning_rate is too high, fp16 overflows (use bf16) or a batch is broken (sftlab data check)",
+                        sorted(set(firsts)))]
     return [Finding("non_finite", "error", f"Loss or gradients became NaN/inf at step {first}", "; ".join(parts),
                     f"training is broken from step {first} on: lower learning_rate, keep max_grad_norm at 1.0, use bf16 "
                     f"rather than fp16 (it overflows), check the data (sftlab data check); restart from a checkpoint before step {first}",
@@ -318,7 +325,9 @@ def _overfitting(records: list[dict], info: RunInfo) -> list[Finding]:
         where = ""
     return [Finding("overfitting", "warning", title, "; ".join(parts),
                     where + "train fewer epochs (num_train_epochs) or lower learning_rate; add more varied data; "
-                    "use the checkpoint-N saved nearest that step (save_steps = eval_steps keeps one there)", sorted(set(marks)))]
+                    "use the checkpoint-N saved nearest that step (save_steps = eval_steps keeps one there), or let sftlab "
+                    "do it: early_stopping_patience: 3 stops the run, load_best_model_at_end: true keeps the best model",
+                    sorted(set(marks)))]
 
 
 def _plateau(records: list[dict], info: RunInfo) -> list[Finding]:

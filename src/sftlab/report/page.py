@@ -36,6 +36,7 @@ class Page:
     title: str
     parts: list[str] = field(default_factory=list)
     pngs: dict[str, bytes] = field(default_factory=dict)  # file name → PNG bytes, written next to the page
+    refresh: int | None = None  # seconds: the browser reloads the page (a live view)
 
     def heading(self, text: str) -> None:
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
@@ -67,7 +68,8 @@ class Page:
 
     def render(self) -> str:
         body = "\n".join(self.parts)
-        return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}</title>"
+        reload = f'<meta http-equiv="refresh" content="{self.refresh}">' if self.refresh else ""
+        return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{reload}<title>{html.escape(self.title)}</title>"
                 f"<style>{_STYLE}</style></head>\n<body><h1>{html.escape(self.title)}</h1>\n{body}\n</body></html>\n")
 
     def write(self, path: Path) -> list[Path]:

@@ -7,6 +7,7 @@ LLaMA-Factory users look for (``training_loss.png``, ``training_eval_loss.png``)
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -32,25 +33,40 @@ def run_info(output_dir: Path, records: list[dict]) -> RunInfo:
                    total_steps=total, steps_per_epoch=per_epoch, num_train_epochs=cfg.get("num_train_epochs"))
 
 
-def write_training_report(output_dir: Path) -> tuple[list[Path], list[Finding]]:
+def finished(records: list[dict]) -> bool:
+    """Whether the run logged its last step (that record carries train_runtime)."""
+    return bool(records) and "train_runtime" in records[-1]
+
+
+def write_training_report(output_dir: Path, refresh: int | None = None,
+                          records: list[dict] | None = None) -> tuple[list[Path], list[Finding]]:
     """Write ``output_dir``/report.html and its PNGs; returns the files written and the diagnosis.
 
+    ``records`` are the run's metrics when already read (default: read metrics.jsonl). With
+    ``refresh`` (seconds) the page reloads itself in the browser until the run has finished.
     Raises SftlabError when ``output_dir`` has no metrics.jsonl (not a training output directory).
     """
     output_dir = Path(output_dir)
     metrics = output_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise SftlabError(f"{output_dir}: no metrics.jsonl; give the output_dir of a training run")
-    records = read_metrics(metrics)
+    if records is None:
+        if not metrics.is_file():
+            raise SftlabError(f"{output_dir}: no metrics.jsonl; give the output_dir of a training run")
+        records = read_metrics(metrics)
     findings = diagnose(records, run_info(output_dir, records))
     page = Page(f"Training report: {output_dir.name}")
     page.text(f"{output_dir.resolve()}", "note")
+    if refresh and not finished(records):
+        page.refresh = refresh
+        page.text(f"Live: this page reloads every {refresh} s while the run goes on (rendered {time.strftime('%X')}).", "note")
     if not records:
         page.text("No step has been logged yet.")
         return page.write(output_dir / REPORT), findings
-    _summary(page, records)
+    _summary(page, records, output_dir)
     _diagnosis(page, findings)
     _loss(page, records, findings)
+    for key, label, name in (("token_accuracy", "token accuracy (argmax = label, trained tokens)", "training_token_accuracy"),
+                             ("entropy", "entropy of the predictions (nats, trained tokens)", "training_entropy")):
+        _train_and_eval(page, records, key, label, name)
     for key, label, name in (("lr", "learning rate", "training_lr"), ("grad_norm", "gradient norm (before clipping)", "training_grad_norm"),
                              ("tokens_per_s", "tokens/s", "training_throughput"), ("peak_memory_gb", "peak memory (GB)", "training_memory")):
         _series(page, records, key, label, name)
@@ -62,13 +78,22 @@ def write_training_report(output_dir: Path) -> tuple[list[Path], list[Finding]]:
     return page.write(output_dir / REPORT), findings
 
 
-def _summary(page: Page, records: list[dict]) -> None:
+def _summary(page: Page, records: list[dict], output_dir: Path) -> None:
     last = records[-1]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     rows = [["steps", last["step"]], ["epochs", last.get("epoch")], ["last train loss", last.get("loss")]]
     if evals:
         best = min(evals, key=lambda e: e[1])
         rows += [["last eval loss", evals[-1][1]], ["best eval loss", f"{best[1]:.4g} at step {best[0]}"]]
+        path = output_dir / "config.yaml"
+        cfg = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+        if finished(records) and cfg.get("load_best_model_at_end"):
+            rows.append(["final model", f"the best one, from step {best[0]} (load_best_model_at_end)"])
+        if last.get("early_stopped"):
+            rows.append(["stopped early", f"at step {last['step']}: no better eval_loss in {cfg.get('early_stopping_patience')} evaluations"])
+    skipped = sum(r.get("skipped_steps", 0) for r in records)
+    if skipped:
+        rows.append(["steps skipped (NaN/inf)", skipped])
     for key, label in (("train_runtime", "training time (s)"), ("tokens", "tokens seen"), ("trained_tokens", "trained tokens"),
                        ("peak_memory_gb", "peak memory (GB)")):
         if last.get(key) is not None:
@@ -124,6 +149,23 @@ def _loss(page: Page, records: list[dict], findings: list[Finding]) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("eval loss")
         page.figure(fig, "training_eval_loss", "eval loss by step")
+
+
+def _train_and_eval(page: Page, records: list[dict], key: str, label: str, name: str) -> None:
+    """``key`` on the train steps and ``eval_<key>`` at the evaluations, in one figure."""
+    train = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    evals = [(r["step"], r[f"eval_{key}"]) for r in records if r.get(f"eval_{key}") is not None]
+    if len(train) < 2:
+        return
+    page.heading(label[0].upper() + label[1:])
+    fig, ax = new_figure(width=6, height=2.8)
+    ax.plot(*zip(*train), color=_COLOURS["train"], lw=1.5, label="train")
+    if evals:
+        ax.plot(*zip(*evals), color=_COLOURS["eval"], marker="o", ms=4, lw=1.5, label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel(label.split(" (")[0])
+    ax.legend(loc="best")
+    page.figure(fig, name, f"{label} by step")
 
 
 def _series(page: Page, records: list[dict], key: str, label: str, name: str) -> None:

@@ -30,12 +30,18 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class TrainState:
-    """Where training is: optimizer steps done, tokens seen, and the best/last eval loss."""
+    """Where training is: optimizer steps done, tokens seen, the last and best eval loss."""
 
     step: int = 0
     tokens: int = 0
     epoch: float = 0.0
     eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0  # counted against early_stopping_patience
+    skipped_steps: int = 0  # not applied because the loss or gradient was not finite (nan_policy: skip_step)
+    early_stopped: bool = False
+    effective_batch: int = 0  # per-device batch × accumulation × processes of the run that saved it (0: unknown)
 
 
 def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None) -> None:
@@ -72,8 +78,10 @@ def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimize
     path = output_dir / f"checkpoint-{state.step}"
     write_model_dir(path, model, tokenizer, cfg, extra)
     if cfg.save_total_limit:
+        best = output_dir / f"checkpoint-{state.best_step}" if cfg.load_best_model_at_end and state.best_step else None
         for old in list_checkpoints(output_dir)[: -cfg.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:  # the best one is kept for load_best_model_at_end, beyond the limit
+                shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -101,8 +109,8 @@ def find_checkpoint(cfg: SFTConfig) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore trainable weights, optimizer, scheduler and RNG states from ``path``; return its TrainState."""
+def load_weights(path: Path, model) -> None:
+    """Load the trained weights (adapter or model) saved in checkpoint ``path`` into ``model``."""
     if (path / "adapter_model.safetensors").is_file():
         from peft import set_peft_model_state_dict
 
@@ -113,6 +121,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
             raise SftlabError(f"{path}: checkpoint has no weights (*.safetensors)")
         for f in files:
             model.load_state_dict(load_file(f), strict=False)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore trainable weights, optimizer, scheduler and RNG states from ``path``; return its TrainState."""
+    load_weights(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = torch.load(path / "rng_state.pt", weights_only=False)
@@ -121,4 +134,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    state = TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    state.early_stopped = False  # resuming an early-stopped run means training on
+    return state

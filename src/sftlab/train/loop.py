@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
 
 import datasets
 import torch
@@ -16,10 +18,12 @@ from sftlab.config import SFTConfig
 from sftlab.data.batching import best_fit_decreasing, collate, collate_flat
 from sftlab.data.render import IGNORE_INDEX
 from sftlab.model.attention import use_flat_batches
-from sftlab.train.checkpoint import TrainState
+from sftlab.errors import SftlabError
+from sftlab.train.checkpoint import TrainState, list_checkpoints
 from sftlab.train.flops import FlopCounter
 from sftlab.train.metrics import peak_memory_gb
 
+log = logging.getLogger(__name__)
 
 GROUP_WINDOW = 64  # micro-batches sorted together by group_by_length: bigger = less padding, less randomness
 
@@ -112,36 +116,60 @@ def _batches(ds: datasets.Dataset, index_lists: list[list[int]], pad_id: int, de
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, module: torch.nn.Module, ds: datasets.Dataset, batch_size: int, pad_id: int, flat: bool = False) -> float:
-    """Mean token loss over ``ds`` (each rank takes every world_size-th batch; sums reduced across ranks)."""
+def evaluate(accelerator: Accelerator, module: torch.nn.Module, ds: datasets.Dataset, batch_size: int, pad_id: int,
+             flat: bool = False) -> dict[str, float]:
+    """eval_loss (mean token loss), eval_token_accuracy and eval_entropy over ``ds`` (each rank takes
+    every world_size-th batch; sums reduced across ranks)."""
+    module = accelerator.unwrap_model(module)  # no DDP forward hooks: ranks may run different numbers of batches
     was_training = module.training
     module.eval()
     chunks = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    total = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, tokens, correct, entropy
     for batch in _batches(ds, chunks[accelerator.process_index :: accelerator.num_processes], pad_id, accelerator.device, flat):
-        loss_sum, n = module(**batch)
-        total += torch.stack([loss_sum.double(), n.double()])
-    total = accelerator.reduce(total, "sum")
+        loss_sum, n, stats = module(**batch)
+        total += torch.cat([torch.stack([loss_sum.double(), n.double()]), stats.double()])
+    loss, n, correct, entropy = accelerator.reduce(total, "sum").tolist()
     module.train(was_training)
-    return (total[0] / total[1].clamp(min=1)).item()
+    n = max(n, 1)
+    return {"eval_loss": loss / n, "eval_token_accuracy": correct / n, "eval_entropy": entropy / n}
 
 
-def accumulate_gradients(accelerator: Accelerator, module: torch.nn.Module, batches: list[dict]) -> tuple[float, int, int]:
+class StepSums(NamedTuple):
+    """What one optimizer step trained on, summed over its micro-batches and every rank."""
+
+    loss: float  # token losses
+    trained: int  # tokens with a label
+    inputs: int  # real input tokens
+    correct: float  # trained tokens whose argmax prediction is the label
+    entropy: float  # entropy of the predictions at trained tokens
+
+
+def accumulate_gradients(accelerator: Accelerator, module: torch.nn.Module, batches: list[dict], idle: bool = False) -> StepSums:
     """Forward/backward the micro-batches of one optimizer step; gradients end up as
     d(sum of token losses of the step, all ranks) / d(params) ÷ (trained tokens of the step, all ranks).
 
-    Returns (summed token loss, trained tokens, input tokens), all over every rank.
+    ``idle``: this rank has no micro-batch in the step (the end of an epoch): ``batches`` is one
+    borrowed batch whose loss counts zero, run only so that this rank joins the gradient all-reduce.
     """
-    local = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), sum(sum(_sample_lengths(b)) for b in batches)]
+    weight = 0.0 if idle else 1.0
+    local = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) * weight, sum(sum(_sample_lengths(b)) for b in batches) * weight]
     n_step, n_inputs = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").tolist()
-    step_loss = torch.zeros((), device=accelerator.device)
+    sums = torch.zeros(3, device=accelerator.device)  # loss, correct, entropy
     for k, batch in enumerate(batches):
         with nullcontext() if k == len(batches) - 1 else accelerator.no_sync(module):
-            loss_sum, _ = module(**batch)
+            loss_sum, _, stats = module(**batch)
             # DDP averages gradients over ranks; × world size makes the result the global token mean.
-            accelerator.backward(loss_sum * accelerator.num_processes / max(n_step, 1))
-        step_loss += loss_sum.detach()
-    return accelerator.reduce(step_loss, "sum").item(), int(n_step), int(n_inputs)
+            accelerator.backward(loss_sum * (weight * accelerator.num_processes / max(n_step, 1)))
+        sums += torch.cat([loss_sum.detach()[None], stats.float()]) * weight
+    loss, correct, entropy = accelerator.reduce(sums, "sum").tolist()
+    return StepSums(loss, int(n_step), int(n_inputs), correct, entropy)
+
+
+class NonFiniteLoss(SftlabError):
+    """A step's loss or gradient norm was NaN/inf (nan_policy: stop, or too many skipped steps in a row)."""
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # nan_policy skip_step: this many non-finite steps in a row means the run is broken: stop
 
 
 def fit(
@@ -156,7 +184,7 @@ def fit(
     state: TrainState,
     pad_id: int,
     on_log: Callable[[dict], None],
-    on_save: Callable[[TrainState], None],
+    on_save: Callable[[TrainState], Path],
     on_step: Callable[[TrainState], bool],
     flops: FlopCounter | None = None,
     peak_flops: float | None = None,
@@ -166,27 +194,58 @@ def fit(
     Loss of one step = sum of token losses over all its micro-batches (and ranks) ÷ the trained
     tokens of the step, so gradients do not depend on how the step is split into micro-batches.
     Calls ``on_log`` with a metrics record every logging/eval step, ``on_step`` after every step
-    (True means stop: save and return early), ``on_save`` every save_steps and on stopping.
-    Speeds count only the time of training steps (not evaluation, logging or saving); with
-    ``flops`` and ``peak_flops`` the records carry MFU. The last record also has ``train_runtime``
-    (seconds) and ``trained_tokens`` of this run.
+    (True means stop: save and return early), ``on_save`` every save_steps, on stopping and — with
+    load_best_model_at_end — at each new best eval_loss. Speeds count only the time of training
+    steps (not evaluation, logging or saving); with ``flops`` and ``peak_flops`` the records carry
+    MFU. The last record also has ``train_runtime`` (seconds) and ``trained_tokens`` of this run.
+
+    A step whose loss or gradient norm is not finite is never applied: with nan_policy stop, the
+    state before it is checkpointed (when its weights are finite) and NonFiniteLoss is raised; with
+    skip_step the step is dropped and training goes on. Early stopping (early_stopping_patience)
+    returns with ``state.early_stopped`` set.
     """
     total_steps = schedule.total_steps(cfg)
     flat = use_flat_batches(cfg.packing, cfg.padding_free, cfg.group_by_length, accelerator.device)
     params = [p for p in module.parameters() if p.requires_grad]
-    window = {"loss": 0.0, "trained": 0, "inputs": 0, "time": 0.0, "flops": 0.0}
-    run_time, run_trained = 0.0, 0
+    # fp16's loss scaler meets inf gradients by design (it skips those steps and lowers the scale)
+    scaled = accelerator.mixed_precision == "fp16"
+    window = dict.fromkeys(("loss", "trained", "inputs", "correct", "entropy", "time", "flops", "skipped"), 0.0)
+    run_time, run_trained, skipped_in_a_row = 0.0, 0, 0
     module.train()
 
     for step in range(state.step, total_steps):
         start = time.perf_counter()
-        batches = list(_batches(train_ds, schedule.micro_batches(step, accelerator.process_index), pad_id, accelerator.device, flat))
-        step_loss, n_step, n_inputs = accumulate_gradients(accelerator, module, batches)
+        mine = schedule.micro_batches(step, accelerator.process_index)
+        idle = not mine  # the last step of an epoch may have fewer micro-batches than ranks
+        batches = list(_batches(train_ds, mine or schedule.micro_batches(step, 0)[:1], pad_id, accelerator.device, flat))
+        sums = accumulate_gradients(accelerator, module, batches, idle)
         if cfg.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         lr = scheduler.get_last_lr()[0]
+        loss = sums.loss / max(sums.trained, 1)
+        if not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaled):
+            optimizer.zero_grad(set_to_none=True)
+            on_log({"step": step + 1, "epoch": round((step + 1) / schedule.steps_per_epoch, 4), "loss": loss,
+                    "grad_norm": grad_norm, "lr": lr})
+            what = f"step {step + 1}: the loss is {loss:.4g} and the gradient norm {grad_norm:.4g}"
+            skipped_in_a_row += 1
+            if cfg.nan_policy == "stop" or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise NonFiniteLoss(_non_finite_message(what, cfg, state, params, on_save, skipped_in_a_row))
+            log.warning("%s; its update is skipped (nan_policy: skip_step)", what)
+            scheduler.step()  # the schedule stays tied to the step number (and resuming stays exact)
+            state.step = step + 1
+            state.epoch = state.step / schedule.steps_per_epoch
+            state.skipped_steps += 1
+            window["skipped"] += 1
+            stop = on_step(state)
+            if state.step % cfg.save_steps == 0 or stop:
+                on_save(state)
+            if stop:
+                break
+            continue
+        skipped_in_a_row = 0
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -194,37 +253,86 @@ def fit(
 
         state.step = step + 1
         state.epoch = state.step / schedule.steps_per_epoch
-        state.tokens += int(n_inputs)
+        state.tokens += sums.inputs
         run_time += step_time
-        run_trained += n_step
-        window["loss"] += step_loss
-        window["trained"] += n_step
-        window["inputs"] += n_inputs
+        run_trained += sums.trained
+        for key in ("loss", "trained", "inputs", "correct", "entropy"):
+            window[key] += getattr(sums, key)
         window["time"] += step_time
-        if flops is not None:  # this rank's samples × ranks (the head term is exact: linear in n_step)
-            lens = [n for b in batches for n in _sample_lengths(b)]
-            window["flops"] += flops.step_flops(lens, n_step / accelerator.num_processes) * accelerator.num_processes
+        if flops is not None:  # this rank's samples × ranks (the head term is exact: linear in trained tokens)
+            lens = [] if idle else [n for b in batches for n in _sample_lengths(b)]
+            window["flops"] += flops.step_flops(lens, sums.trained / accelerator.num_processes) * accelerator.num_processes
 
         record: dict = {}
         last = state.step == total_steps
         if state.step % cfg.logging_steps == 0 or last:
             elapsed = max(window["time"], 1e-9)
-            record.update(loss=window["loss"] / max(window["trained"], 1), lr=lr, grad_norm=float(grad_norm),
+            trained = max(window["trained"], 1)
+            record.update(loss=window["loss"] / trained, token_accuracy=window["correct"] / trained,
+                          entropy=window["entropy"] / trained, lr=lr, grad_norm=grad_norm,
                           tokens=state.tokens, tokens_per_s=window["inputs"] / elapsed,
                           trained_tokens_per_s=window["trained"] / elapsed, peak_memory_gb=peak_memory_gb(accelerator.device))
             if peak_flops:
                 record["mfu"] = window["flops"] / elapsed / (peak_flops * accelerator.num_processes)
+            if window["skipped"]:
+                record["skipped_steps"] = int(window["skipped"])
             window = dict.fromkeys(window, 0.0)
-        if last:
-            record.update(train_runtime=run_time, trained_tokens=run_trained)
+        saved = False
         if eval_ds is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or last):
-            state.eval_loss = evaluate(accelerator, module, eval_ds, cfg.per_device_eval_batch_size, pad_id, flat)
-            record["eval_loss"] = state.eval_loss
+            metrics = evaluate(accelerator, module, eval_ds, cfg.per_device_eval_batch_size, pad_id, flat)
+            record.update(metrics)
+            if _track_best(cfg, state, metrics["eval_loss"]) and cfg.load_best_model_at_end and not last:
+                on_save(state)
+                saved = True
+            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience and not last:
+                state.early_stopped = True
+                log.info("early stopping at step %d: eval_loss has not improved for %d evaluations (best %.4f at step %d)",
+                         state.step, state.evals_without_improvement, state.best_eval_loss, state.best_step)
+        if last or state.early_stopped:
+            record.update(train_runtime=run_time, trained_tokens=run_trained)
+            if state.best_step:
+                record.update(best_step=state.best_step, best_eval_loss=state.best_eval_loss)
+            if state.early_stopped:
+                record["early_stopped"] = True
         if record:
             on_log({"step": state.step, "epoch": round(state.epoch, 4), **record})
         stop = on_step(state)
-        if (state.step % cfg.save_steps == 0 and not last) or stop:
+        if ((state.step % cfg.save_steps == 0 and not last) or stop) and not saved:
             on_save(state)
-        if stop:
+        if stop or state.early_stopped:
             break
     return state
+
+
+def _track_best(cfg: SFTConfig, state: TrainState, eval_loss: float) -> bool:
+    """Record an evaluation in ``state``; True when it is the best so far (a strictly lower eval_loss).
+
+    The patience count restarts only on an improvement larger than early_stopping_threshold.
+    """
+    previous = state.best_eval_loss
+    state.eval_loss = eval_loss
+    if previous is None or eval_loss < previous - cfg.early_stopping_threshold:
+        state.evals_without_improvement = 0
+    else:
+        state.evals_without_improvement += 1
+    if previous is None or eval_loss < previous:
+        state.best_eval_loss, state.best_step = eval_loss, state.step
+        return True
+    return False
+
+
+def _non_finite_message(what: str, cfg: SFTConfig, state: TrainState, params: list[torch.Tensor],
+                        on_save: Callable[[TrainState], Path], skipped: int) -> str:
+    """Checkpoint the last good state (the weights before the bad step, when finite) and say what to do."""
+    with torch.no_grad():
+        weights_ok = all(bool(torch.isfinite(p).all()) for p in params)
+    if state.step and weights_ok:
+        kept = f"the last good state is saved as {on_save(state)}"
+    else:
+        earlier = list_checkpoints(Path(cfg.output_dir))
+        kept = (f"the weights are already broken, so nothing new was saved; the latest checkpoint is {earlier[-1]}" if earlier and state.step
+                else "no checkpoint was saved" if not weights_ok else "no step had been trained, so there is nothing to keep")
+    why = f"{skipped} steps in a row were not finite, " if skipped > 1 else ""
+    return (f"{what}; {why}training stopped before applying it and {kept}. Lower learning_rate (now {cfg.learning_rate:g}), "
+            f"keep max_grad_norm at 1.0, prefer bf16 to fp16, check the data (sftlab data check); "
+            f"nan_policy: skip_step drops such steps instead")

@@ -14,7 +14,9 @@ from sftlab.errors import SftlabError
 
 _TB_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
              "tokens_per_s": "train/tokens_per_s", "trained_tokens_per_s": "train/trained_tokens_per_s",
-             "peak_memory_gb": "train/peak_memory_gb", "mfu": "train/mfu", "eval_loss": "eval/loss"}
+             "peak_memory_gb": "train/peak_memory_gb", "mfu": "train/mfu", "token_accuracy": "train/token_accuracy",
+             "entropy": "train/entropy", "eval_loss": "eval/loss", "eval_token_accuracy": "eval/token_accuracy",
+             "eval_entropy": "eval/entropy"}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -33,9 +35,13 @@ def require_reporter(report_to: str) -> None:
 class MetricsWriter:
     """Appends one JSON object per logged step to ``output_dir/metrics.jsonl`` and mirrors it.
 
-    Keys: step, epoch, and any of loss, eval_loss, lr, grad_norm, tokens, tokens_per_s (all real
-    tokens), trained_tokens_per_s (tokens with a label), peak_memory_gb, mfu; the last step also
-    train_runtime (seconds in training steps) and trained_tokens.
+    Keys: step, epoch, and any of loss, token_accuracy (argmax = label, on trained tokens), entropy
+    (of the predictions, nats), lr, grad_norm, tokens, tokens_per_s (all real tokens),
+    trained_tokens_per_s (tokens with a label), peak_memory_gb, mfu, skipped_steps, eval_loss,
+    eval_token_accuracy, eval_entropy; the last step also train_runtime (seconds in training
+    steps), trained_tokens, best_step / best_eval_loss when there were evaluations, and
+    early_stopped. A step
+    whose loss was not finite is logged with its loss, grad_norm and lr only.
     """
 
     def __init__(self, output_dir: Path, report_to: str, config: dict[str, Any], resume_step: int = 0):

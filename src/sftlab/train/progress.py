@@ -35,15 +35,14 @@ class Progress:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        speed = "{tokens_per_s:.0f} tok/s ({trained_tokens_per_s:.0f} trained)"
+        formats = (("loss", "loss {loss:.4f}"), ("token_accuracy", "acc {token_accuracy:.3f}"), ("lr", "lr {lr:.2e}"),
+                   ("grad_norm", "grad_norm {grad_norm:.3f}"), ("tokens_per_s", speed), ("peak_memory_gb", "{peak_memory_gb:.1f} GB"),
+                   ("mfu", "MFU {mfu:.0%}"), ("skipped_steps", "{skipped_steps} skipped"), ("eval_loss", "eval_loss {eval_loss:.4f}"),
+                   ("eval_token_accuracy", "eval_acc {eval_token_accuracy:.3f}"))
         parts = [f"step {record['step']}", f"epoch {record['epoch']:.2f}"]
-        if "loss" in record:
-            parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
-                      f"{record['tokens_per_s']:.0f} tok/s ({record['trained_tokens_per_s']:.0f} trained)", f"{record['peak_memory_gb']:.1f} GB"]
-            if "mfu" in record:
-                parts.append(f"MFU {100 * record['mfu']:.0f}%")
-        if "eval_loss" in record:
-            parts.append(f"eval_loss {record['eval_loss']:.4f}")
-        if "loss" in record:
+        parts += [fmt.format(**record) for key, fmt in formats if key in record]
+        if "tokens_per_s" in record:
             self.bar.update(self.task, info=f"loss {record['loss']:.4f} lr {record['lr']:.1e} {record['tokens_per_s']:.0f} tok/s"
-                            + (f" MFU {100 * record['mfu']:.0f}%" if "mfu" in record else ""))
+                            + (f" MFU {record['mfu']:.0%}" if "mfu" in record else ""))
         self.console.print(" | ".join(parts), highlight=False, soft_wrap=True)  # one line per record, also in log files

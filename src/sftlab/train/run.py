@@ -25,8 +25,10 @@ from sftlab.errors import SftlabError
 from sftlab.model.assets import resolve_model
 from sftlab.model.attention import use_flat_batches
 from sftlab.model.load import load_model, load_tokenizer
-from sftlab.train.checkpoint import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, write_model_dir
+from sftlab.train.checkpoint import (TrainState, find_checkpoint, list_checkpoints, load_checkpoint, load_weights, save_checkpoint,
+                                     write_model_dir)
 from sftlab.train.flops import FlopCounter, peak_flops
+from sftlab.train.launch import WaitGroup, launched
 from sftlab.train.loop import Schedule, fit
 from sftlab.train.loss import TokenLoss
 from sftlab.train.metrics import MetricsWriter, require_reporter
@@ -64,7 +66,9 @@ def mixed_precision(cfg: SFTConfig) -> str:
     return "fp16" if cfg.fp16 else "no"
 
 
-def prepare_output_dir(cfg: SFTConfig, resuming: bool) -> Path:
+def prepare_output_dir(cfg: SFTConfig, resuming: bool, clean: bool = True) -> Path:
+    """``output_dir``, created; refuses one that holds another run unless resuming or overwriting.
+    ``clean``: remove the checkpoints of an overwritten run (the main process does, the others only check)."""
     out = Path(cfg.output_dir)
     if out.exists() and not resuming:
         stale = list_checkpoints(out)
@@ -72,7 +76,7 @@ def prepare_output_dir(cfg: SFTConfig, resuming: bool) -> Path:
         logged = (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0
         if (stale or trained or logged) and not cfg.overwrite_output_dir:
             raise SftlabError(f"output_dir {out} already holds a run; set resume_from_checkpoint: true to continue it or overwrite_output_dir: true to start over")
-        for path in stale:  # a later resume must never pick up the previous run's checkpoints
+        for path in stale if clean else []:  # a later resume must never pick up the previous run's checkpoints
             shutil.rmtree(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -110,26 +114,37 @@ def stop_on_signals() -> Iterator[list[bool]]:
 def run_training(cfg: SFTConfig) -> Path:
     """Train per ``cfg``; returns the output directory holding the final model or adapter.
 
+    Runs as one process or as each rank of a torchrun / accelerate launch (DDP): every rank trains
+    its share of each step; the main process alone prepares the data first (the others then read
+    its cache), writes files, logs and evaluates.
     Raises SftlabError for bad input, Interrupted when stopped by a signal (after checkpointing).
     """
     precision = mixed_precision(cfg)
     require_reporter(cfg.report_to)
     checkpoint = find_checkpoint(cfg)
-    out = prepare_output_dir(cfg, resuming=checkpoint is not None)
     # Each run sets its own precision; the process group (PartialState) is kept across runs.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=precision)
+    # Without a GPU, accelerate runs the ranks of a launch as MULTI_CPU (gloo) only when told cpu=True.
+    accelerator = Accelerator(mixed_precision=precision, cpu=launched() and not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    ranks = WaitGroup(accelerator.num_processes)
+    with ranks.first(main):
+        out = prepare_output_dir(cfg, resuming=checkpoint is not None, clean=main)
+    if not main:  # one copy of the log: the main process's
+        logging.getLogger("sftlab").setLevel(logging.WARNING)
     # config.yaml records the batch layout this run used, not "auto"
     cfg = cfg.model_copy(update={"padding_free": use_flat_batches(cfg.packing, cfg.padding_free, cfg.group_by_length, accelerator.device)})
     set_seed(cfg.seed)
 
     model_dir = resolve_model(cfg.model_name_or_path)
     tokenizer = load_tokenizer(cfg, model_dir)
-    data = build_data(cfg, tokenizer)
+    with ranks.first(accelerator.is_local_main_process):  # tokenized once per node; the other ranks load the cache
+        data = build_data(cfg, tokenizer)
     log.info(data.report.summary())
     for line in data.report.lines()[1:]:  # the problems, each with the first samples named
         log.info(line)
-    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    if main:
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     if not cfg.do_train:  # data checked and reported; nothing to train
         return out
 
@@ -146,47 +161,74 @@ def run_training(cfg: SFTConfig) -> Path:
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     module, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    effective_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
 
-    state = TrainState()
+    state = TrainState(effective_batch=effective_batch)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", checkpoint, state.step)
-    log.info("%d train samples, %s eval samples; %d optimizer steps (%d per epoch), effective batch %d",
-             len(data.train), len(data.eval) if data.eval is not None else 0, total, schedule.steps_per_epoch,
-             cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
+        if state.effective_batch and state.effective_batch != effective_batch:
+            log.warning("the checkpoint was trained with an effective batch of %d and this run has %d (per-device batch × "
+                        "accumulation × processes): the steps from %d on cover the data with the new batch, so samples of "
+                        "this epoch may repeat or be left out; keep the product equal to resume exactly",
+                        state.effective_batch, effective_batch, state.step)
+            state.effective_batch = effective_batch
+    log.info("%d train samples, %s eval samples; %d optimizer steps (%d per epoch), effective batch %d%s",
+             len(data.train), len(data.eval) if data.eval is not None else 0, total, schedule.steps_per_epoch, effective_batch,
+             f" ({accelerator.num_processes} processes, {accelerator.distributed_type.value})" if accelerator.num_processes > 1 else "")
 
     trained = lambda: accelerator.unwrap_model(module).model  # noqa: E731
-    if cfg.do_eval_baseline and checkpoint is None and accelerator.is_main_process:
-        evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval_baseline", baseline=True)
-    metrics = MetricsWriter(out, cfg.report_to, cfg.model_dump(), resume_step=state.step)
-    save = lambda s: save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s)  # noqa: E731
+    if cfg.do_eval_baseline and checkpoint is None:
+        if main:
+            evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval_baseline", baseline=True)
+        ranks.wait()
+
+    def save(s: TrainState) -> Path:
+        path = out / f"checkpoint-{s.step}"
+        if main:  # every rank holds the same weights and optimizer state (DDP)
+            save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s)
+        accelerator.wait_for_everyone()
+        return path
+
+    metrics = MetricsWriter(out, cfg.report_to, cfg.model_dump(), resume_step=state.step) if main else None
     try:
-        with stop_on_signals() as stop, Progress(total, state.step, enabled=accelerator.is_main_process) as progress:
+        with stop_on_signals() as stop, Progress(total, state.step, enabled=main) as progress:
             def on_log(record: dict) -> None:
-                metrics.write(record)
+                if metrics is not None:
+                    metrics.write(record)
                 progress.log(record)
 
             def on_step(s: TrainState) -> bool:
                 progress.update(s.step)
+                if accelerator.num_processes > 1:  # stop together: a signal may reach the ranks a step apart
+                    stop[0] = bool(accelerator.reduce(torch.tensor(float(stop[0]), device=accelerator.device), "sum") > 0)
                 return stop[0]
 
             state = fit(cfg, accelerator, module, optimizer, scheduler, data.train, data.eval, schedule, state,
                         tokenizer.pad_token_id, on_log=on_log, on_save=save, on_step=on_step,
                         flops=FlopCounter.for_model(model), peak_flops=peak_flops(accelerator.device, precision != "no", cfg.peak_tflops))
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     if stop[0]:
         raise Interrupted(f"stopped at step {state.step}; checkpoint saved in {out / f'checkpoint-{state.step}'} (resume with resume_from_checkpoint: true)")
     save(state)
+    if not main:  # the main process publishes, evaluates and reports
+        return out
+    if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:
+        load_weights(out / f"checkpoint-{state.best_step}", trained())
+        log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
+                 "adapter" if cfg.finetuning_type == "lora" else "model", state.best_eval_loss, state.best_step,
+                 state.best_step, state.eval_loss)
     publish_final(out, trained(), tokenizer, cfg)
     log.info("saved the final %s to %s", "adapter" if cfg.finetuning_type == "lora" else "model", out)
-    if cfg.do_eval_baseline and accelerator.is_main_process:
+    if cfg.do_eval_baseline:
         evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval", baseline=False)
         if (out / "eval_baseline" / "eval_results.json").is_file():  # a resumed run evaluated its base when it started
             before_after(out)
         else:
             log.warning("no eval_baseline in %s (the run was resumed without one): nothing to compare with", out)
-    if cfg.plot_loss and accelerator.is_main_process:
+    if cfg.plot_loss:
         write_report(out)
     return out
 

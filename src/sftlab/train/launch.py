@@ -1,0 +1,76 @@
+"""Several processes: ``sftlab train --nproc N`` relaunches itself through torchrun; helpers the ranks share.
+
+sftlab has no distributed system of its own: torchrun starts the processes, accelerate (PyTorch DDP,
+FSDP, DeepSpeed) does the rest. A run launched by ``torchrun`` or ``accelerate launch`` directly is
+recognised by the environment those launchers set.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from sftlab.errors import SftlabError
+
+# How long ranks wait (outside NCCL's own timeout) for the main process to prepare the data or run an
+# evaluation on its own. Tokenizing millions of samples takes a while; a dead main process still ends
+# the run, since torchrun stops every rank when one fails.
+WAIT_FOR_MAIN = timedelta(hours=12)
+
+
+def launched() -> bool:
+    """Whether this process is one rank of a torchrun / accelerate launch."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def torchrun_command(config: str, overrides: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[str]:
+    """The torchrun command line that runs ``sftlab train config overrides`` on ``nproc`` processes per node."""
+    if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise SftlabError(f"--nproc {nproc} --nnodes {nnodes} --node-rank {node_rank}: need nproc ≥ 1, nnodes ≥ 1 and 0 ≤ node-rank < nnodes")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise SftlabError(f"--nproc {nproc}, but this machine has {torch.cuda.device_count()} GPU(s): use one process per GPU")
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}",
+            "-m", "sftlab.cli", "train", config, *overrides]
+
+
+def run_launcher(command: list[str]) -> int:
+    """Run torchrun and return its exit code. SIGINT/SIGTERM sent to this process are passed on (torchrun
+    passes them to the ranks, which checkpoint and stop), so stopping sftlab never leaves ranks behind."""
+    launcher = subprocess.Popen(command)
+    forward = lambda signum, frame: launcher.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return launcher.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class WaitGroup:
+    """A gloo process group with a long timeout, for waiting on the main process outside NCCL's timeout."""
+
+    def __init__(self, num_processes: int):
+        self.group = dist.new_group(backend="gloo", timeout=WAIT_FOR_MAIN) if num_processes > 1 and dist.is_initialized() else None
+
+    def wait(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    @contextmanager
+    def first(self, is_first: bool) -> Iterator[None]:
+        """Run the body on the ``is_first`` process(es) first, then on the others (which then hit the cache)."""
+        if not is_first:
+            self.wait()
+        yield
+        if is_first:
+            self.wait()

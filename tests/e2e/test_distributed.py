@@ -1,0 +1,78 @@
+"""Several processes on one machine (DDP over gloo on the CPU): the same training as one process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_config
+from sftlab.errors import SftlabError
+from sftlab.train.launch import launched, torchrun_command
+
+
+def _run(tmp_path, name, model_dir, data, nproc, accumulation, **over):
+    values = dict(model_name_or_path=str(model_dir), dataset=str(data), output_dir=str(tmp_path / name), max_samples=7, val_size=2,
+                  per_device_train_batch_size=1, gradient_accumulation_steps=accumulation, num_train_epochs=2, logging_steps=1,
+                  eval_steps=2, save_steps=2, learning_rate=1e-3, lora_rank=4, cutoff_len=128, plot_loss=False)
+    values.update(over)
+    cfg = write_config(tmp_path / f"{name}.yaml", **values)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--nproc", str(nproc), "--master-port", str(29500 + os.getpid() % 1000)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / name, done
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_steps(a, b, keys=("loss", "grad_norm", "eval_loss", "token_accuracy")):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            assert (key in ra) == (key in rb), (ra["step"], key)
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_model_dir, alpaca_file):
+    # 5 train samples, batch 1: 3 steps per epoch, and in the last one rank 1 has no sample (it must not hang)
+    one, _ = _run(tmp_path, "one", tiny_model_dir, alpaca_file, nproc=1, accumulation=2)
+    two, done = _run(tmp_path, "two", tiny_model_dir, alpaca_file, nproc=2, accumulation=1)
+    assert "effective batch 2 (2 processes, MULTI_CPU)" in " ".join(done.stderr.split())  # the log wraps
+    a, b = _records(one), _records(two)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # one record per step: only the main process writes
+    _same_steps(a, b)
+    assert a[-1]["tokens"] == b[-1]["tokens"]  # every sample once per epoch, none twice
+    wa, wb = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+    # a checkpoint of the 2-process run resumes on 1 process (same global batch) with the same losses
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
+    out, _ = _run(tmp_path, "resumed", tiny_model_dir, alpaca_file, nproc=1, accumulation=2, resume_from_checkpoint=True)
+    _same_steps(b[2:], _records(out))
+
+
+def test_torchrun_command_and_launch_detection(monkeypatch):
+    cmd = torchrun_command("c.yaml", ["learning_rate=1e-4"], nproc=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29400)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nproc-per-node=4", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400"} <= set(cmd)
+    assert cmd[-5:] == ["-m", "sftlab.cli", "train", "c.yaml", "learning_rate=1e-4"]
+    with pytest.raises(SftlabError, match="node-rank 2"):
+        torchrun_command("c.yaml", [], nproc=2, nnodes=2, node_rank=2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert not launched()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched()
