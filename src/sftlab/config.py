@@ -76,6 +76,7 @@ class SFTConfig(BaseModel):
     peak_tflops: float | None = Field(None, gt=0, description="Device peak TFLOP/s for the MFU metric (default: a table of GPUs; on CPU a matmul measured at start).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
+    fsdp: bool = Field(False, description="Shard weights, gradients and optimizer states across the processes of a launch (PyTorch FSDP2, one unit per decoder layer; checkpoints hold the full model). Needs several processes (sftlab train --nproc N).")
     nan_policy: Literal["stop", "skip_step"] = Field("stop", description="A step whose loss or gradient norm is NaN/inf is never applied. stop: save the last good state as a checkpoint and exit with an error; skip_step: drop that step and go on (stops after 10 in a row).")
 
     # --- evaluation, generation and export (sftlab eval / chat / predict / export)
@@ -142,6 +143,11 @@ class SFTConfig(BaseModel):
             raise ValueError("packing and group_by_length are both true: packing already fills rows without padding; drop group_by_length")
         if self.do_eval_baseline and self.val_size <= 0:
             raise ValueError("do_eval_baseline: true needs a validation split to evaluate on; set val_size (e.g. 0.1)")
+        if self.fsdp and self.fp16:
+            raise ValueError("fsdp with fp16 is not supported (it needs a sharded loss scaler); use bf16: true")
+        if self.fsdp and (self.do_eval_baseline or self.load_best_model_at_end):
+            raise ValueError("fsdp: do_eval_baseline and load_best_model_at_end are not available with it yet; "
+                             "run sftlab eval on the result, and pick a checkpoint by its eval_loss")
         for key in ("early_stopping_patience", "load_best_model_at_end"):
             if getattr(self, key) and (self.val_size <= 0 or not self.eval_steps):
                 raise ValueError(f"{key} needs evaluations during training to act on; set val_size (e.g. 0.1) and eval_steps (e.g. 50)")

@@ -76,3 +76,45 @@ def test_torchrun_command_and_launch_detection(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launched()
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_fsdp_shards_and_trains_like_one_process(tmp_path, tiny_model_dir, alpaca_file, finetuning_type):
+    """FSDP2 over gloo: the same steps as one process; its full-state checkpoints resume without FSDP."""
+    over = dict(finetuning_type=finetuning_type)
+    one, _ = _run(tmp_path, "one", tiny_model_dir, alpaca_file, nproc=1, accumulation=2, **over)
+    two, done = _run(tmp_path, "fsdp", tiny_model_dir, alpaca_file, nproc=2, accumulation=1, fsdp=True, **over)
+    assert "2 processes, MULTI_CPU" in " ".join(done.stderr.split())
+    a, b = _records(one), _records(two)
+    _same_steps(a, b)
+    weights = "adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors"
+    wa, wb = load_file(one / weights), load_file(two / weights)  # a normal model/adapter file, gathered
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
+
+    # the FSDP checkpoint (optimizer state by parameter name) resumes on one process without FSDP
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
+    out, _ = _run(tmp_path, "resumed", tiny_model_dir, alpaca_file, nproc=1, accumulation=2, resume_from_checkpoint=True, **over)
+    _same_steps(b[2:], _records(out))
+    if finetuning_type == "lora":
+        # and a one-process checkpoint (optimizer state by index) resumes under FSDP
+        again = tmp_path / "again"
+        again.mkdir()
+        shutil.copytree(one / "checkpoint-2", again / "checkpoint-2")
+        out, _ = _run(tmp_path, "again", tiny_model_dir, alpaca_file, nproc=2, accumulation=1, fsdp=True, resume_from_checkpoint=True, **over)
+        _same_steps(a[2:], _records(out))
+
+
+def test_fsdp_needs_several_processes(tmp_path, tiny_model_dir, alpaca_file):
+    from sftlab.config import load_config
+    from sftlab.train.run import run_training
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file),
+                                   output_dir=str(tmp_path / "out"), fsdp=True, max_steps=1))
+    with pytest.raises(SftlabError, match="fsdp: true shards the model across processes, and this run has one"):
+        run_training(cfg)
+    with pytest.raises(SftlabError, match="use bf16"):
+        load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, fp16=True)

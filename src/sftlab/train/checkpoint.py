@@ -44,15 +44,16 @@ class TrainState:
     effective_batch: int = 0  # per-device batch × accumulation × processes of the run that saved it (0: unknown)
 
 
-def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None) -> None:
+def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None, state_dict: dict | None = None) -> None:
     """Atomically write ``target`` holding the model or adapter, tokenizer and config.yaml.
 
-    ``extra(tmp_dir)`` may add files before the rename. An existing ``target`` is replaced.
+    ``extra(tmp_dir)`` may add files before the rename; ``state_dict`` replaces the model's own (FSDP
+    gathers it: the model's parameters are shards). An existing ``target`` is replaced.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         if extra is not None:
@@ -64,9 +65,11 @@ def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimizer, scheduler, state: TrainState) -> Path:
+def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimizer, scheduler, state: TrainState,
+                    state_dict: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write ``output_dir``/checkpoint-N atomically; ``state_dict`` and ``optimizer_state`` as gathered under FSDP."""
     def extra(tmp: Path) -> None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(
             {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -76,7 +79,7 @@ def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimize
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
 
     path = output_dir / f"checkpoint-{state.step}"
-    write_model_dir(path, model, tokenizer, cfg, extra)
+    write_model_dir(path, model, tokenizer, cfg, extra, state_dict)
     if cfg.save_total_limit:
         best = output_dir / f"checkpoint-{state.best_step}" if cfg.load_best_model_at_end and state.best_step else None
         for old in list_checkpoints(output_dir)[: -cfg.save_total_limit]:
@@ -123,10 +126,12 @@ def load_weights(path: Path, model) -> None:
             model.load_state_dict(load_file(f), strict=False)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore trainable weights, optimizer, scheduler and RNG states from ``path``; return its TrainState."""
-    load_weights(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+def load_checkpoint(path: Path, module, optimizer, scheduler, sharded: bool = False) -> TrainState:
+    """Restore optimizer, scheduler and RNG states from ``path`` (the weights: ``load_weights``, before
+    ``module`` is wrapped or sharded); return its TrainState."""
+    from sftlab.train.sharding import load_optimizer_state
+
+    load_optimizer_state(module, optimizer, torch.load(path / "optimizer.pt", weights_only=False), sharded)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = torch.load(path / "rng_state.pt", weights_only=False)
     random.setstate(rng["python"])

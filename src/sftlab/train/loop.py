@@ -120,14 +120,19 @@ def evaluate(accelerator: Accelerator, module: torch.nn.Module, ds: datasets.Dat
              flat: bool = False) -> dict[str, float]:
     """eval_loss (mean token loss), eval_token_accuracy and eval_entropy over ``ds`` (each rank takes
     every world_size-th batch; sums reduced across ranks)."""
-    module = accelerator.unwrap_model(module)  # no DDP forward hooks: ranks may run different numbers of batches
+    module = accelerator.unwrap_model(module)  # no DDP hooks (FSDP's stay: they gather each layer's weights)
     was_training = module.training
     module.eval()
     chunks = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
+    # Every rank runs the same number of batches (FSDP's gathers are collective): a rank out of batches
+    # repeats the first one, counted zero.
+    world, rank = accelerator.num_processes, accelerator.process_index
+    rounds = math.ceil(len(chunks) / world)
+    mine = [(chunks[k], 1.0) if k < len(chunks) else (chunks[0], 0.0) for k in range(rank, rounds * world, world)]
     total = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, tokens, correct, entropy
-    for batch in _batches(ds, chunks[accelerator.process_index :: accelerator.num_processes], pad_id, accelerator.device, flat):
+    for batch, (_, weight) in zip(_batches(ds, [c for c, _ in mine], pad_id, accelerator.device, flat), mine):
         loss_sum, n, stats = module(**batch)
-        total += torch.cat([torch.stack([loss_sum.double(), n.double()]), stats.double()])
+        total += torch.cat([torch.stack([loss_sum.double(), n.double()]), stats.double()]) * weight
     loss, n, correct, entropy = accelerator.reduce(total, "sum").tolist()
     module.train(was_training)
     n = max(n, 1)
@@ -220,9 +225,10 @@ def fit(
         batches = list(_batches(train_ds, mine or schedule.micro_batches(step, 0)[:1], pad_id, accelerator.device, flat))
         sums = accumulate_gradients(accelerator, module, batches, idle)
         if cfg.max_grad_norm > 0:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
         lr = scheduler.get_last_lr()[0]
         loss = sums.loss / max(sums.trained, 1)
         if not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaled):
@@ -232,7 +238,7 @@ def fit(
             what = f"step {step + 1}: the loss is {loss:.4g} and the gradient norm {grad_norm:.4g}"
             skipped_in_a_row += 1
             if cfg.nan_policy == "stop" or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise NonFiniteLoss(_non_finite_message(what, cfg, state, params, on_save, skipped_in_a_row))
+                raise NonFiniteLoss(_non_finite_message(what, cfg, state, params, accelerator, on_save, skipped_in_a_row))
             log.warning("%s; its update is skipped (nan_policy: skip_step)", what)
             scheduler.step()  # the schedule stays tied to the step number (and resuming stays exact)
             state.step = step + 1
@@ -321,11 +327,13 @@ def _track_best(cfg: SFTConfig, state: TrainState, eval_loss: float) -> bool:
     return False
 
 
-def _non_finite_message(what: str, cfg: SFTConfig, state: TrainState, params: list[torch.Tensor],
+def _non_finite_message(what: str, cfg: SFTConfig, state: TrainState, params: list[torch.Tensor], accelerator: Accelerator,
                         on_save: Callable[[TrainState], Path], skipped: int) -> str:
     """Checkpoint the last good state (the weights before the bad step, when finite) and say what to do."""
-    with torch.no_grad():
-        weights_ok = all(bool(torch.isfinite(p).all()) for p in params)
+    from sftlab.train.sharding import finite
+
+    local_ok = torch.tensor(float(finite(params)), device=accelerator.device)  # FSDP: each rank checks its shard
+    weights_ok = bool(accelerator.reduce(local_ok, "sum").item() == accelerator.num_processes)
     if state.step and weights_ok:
         kept = f"the last good state is saved as {on_save(state)}"
     else:

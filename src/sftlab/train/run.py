@@ -29,6 +29,7 @@ from sftlab.train.checkpoint import (TrainState, find_checkpoint, list_checkpoin
                                      write_model_dir)
 from sftlab.train.flops import FlopCounter, peak_flops
 from sftlab.train.launch import WaitGroup, launched
+from sftlab.train.sharding import full_model_state, full_optimizer_state, shard
 from sftlab.train.loop import Schedule, fit
 from sftlab.train.loss import TokenLoss
 from sftlab.train.metrics import MetricsWriter, require_reporter
@@ -148,8 +149,17 @@ def run_training(cfg: SFTConfig) -> Path:
     if not cfg.do_train:  # data checked and reported; nothing to train
         return out
 
+    if cfg.fsdp and accelerator.num_processes < 2:
+        raise SftlabError("fsdp: true shards the model across processes, and this run has one; "
+                          "launch several (sftlab train CONFIG --nproc N) or set fsdp: false")
     model = load_model(cfg, model_dir, accelerator.device)
-    optimizer = build_optimizer(cfg, model)
+    if checkpoint is not None:  # into the whole model, before it is wrapped or sharded
+        load_weights(checkpoint, model)
+    if cfg.fsdp:  # sharded first: the optimizer must hold the sharded parameters
+        module = shard(TokenLoss(model), precision)
+        optimizer = accelerator.prepare(build_optimizer(cfg, model))
+    else:
+        optimizer = build_optimizer(cfg, model)
     by_length = cfg.group_by_length or cfg.packing
     lengths = pc.list_value_length(data.train.with_format("arrow")["input_ids"]).to_pylist() if by_length else None
     schedule = Schedule(len(data.train), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
@@ -160,12 +170,13 @@ def run_training(cfg: SFTConfig) -> Path:
     total = schedule.total_steps(cfg)
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    module, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    if not cfg.fsdp:
+        module, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
     effective_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
 
     state = TrainState(effective_batch=effective_batch)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(module), optimizer, scheduler, sharded=cfg.fsdp)
         log.info("resumed from %s at step %d", checkpoint, state.step)
         if state.effective_batch and state.effective_batch != effective_batch:
             log.warning("the checkpoint was trained with an effective batch of %d and this run has %d (per-device batch × "
@@ -185,8 +196,10 @@ def run_training(cfg: SFTConfig) -> Path:
 
     def save(s: TrainState) -> Path:
         path = out / f"checkpoint-{s.step}"
-        if main:  # every rank holds the same weights and optimizer state (DDP)
-            save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s)
+        # DDP: every rank holds the same weights and optimizer state; FSDP: the shards are gathered to the main process
+        weights, moments = (full_model_state(module), full_optimizer_state(module, optimizer)) if cfg.fsdp else (None, None)
+        if main:
+            save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s, weights, moments)
         accelerator.wait_for_everyone()
         return path
 
@@ -213,6 +226,7 @@ def run_training(cfg: SFTConfig) -> Path:
     if stop[0]:
         raise Interrupted(f"stopped at step {state.step}; checkpoint saved in {out / f'checkpoint-{state.step}'} (resume with resume_from_checkpoint: true)")
     save(state)
+    weights = full_model_state(module) if cfg.fsdp else None  # gathered again: not held in memory all run long
     if not main:  # the main process publishes, evaluates and reports
         return out
     if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:
@@ -220,7 +234,7 @@ def run_training(cfg: SFTConfig) -> Path:
         log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
                  "adapter" if cfg.finetuning_type == "lora" else "model", state.best_eval_loss, state.best_step,
                  state.best_step, state.eval_loss)
-    publish_final(out, trained(), tokenizer, cfg)
+    publish_final(out, trained(), tokenizer, cfg, weights)
     log.info("saved the final %s to %s", "adapter" if cfg.finetuning_type == "lora" else "model", out)
     if cfg.do_eval_baseline:
         evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval", baseline=False)
@@ -282,13 +296,13 @@ def before_after(out: Path) -> None:
     log.info("comparison: %s", ", ".join(str(f) for f in files if f.suffix in (".md", ".html")))
 
 
-def publish_final(out: Path, model, tokenizer, cfg: SFTConfig) -> None:
+def publish_final(out: Path, model, tokenizer, cfg: SFTConfig, state_dict: dict | None = None) -> None:
     """Write the final model/adapter + tokenizer into ``out`` itself (where LLaMA-Factory users look).
 
     Written completely to a temporary directory first; each file is then renamed into place.
     """
     staging = out / ".final-staging"
-    write_model_dir(staging, model, tokenizer, cfg)
+    write_model_dir(staging, model, tokenizer, cfg, state_dict=state_dict)
     for f in staging.iterdir():
         os.replace(f, out / f.name)
     staging.rmdir()

@@ -1,0 +1,81 @@
+"""FSDP (``fsdp: true``): weights, gradients and optimizer states sharded across ranks with PyTorch's FSDP2.
+
+Each decoder layer is one unit (its weights are gathered for its forward and backward only) and the
+rest (embeddings, final norm, head) is the root unit around ``TokenLoss``. Checkpoints hold the
+full model or adapter, gathered to the main process, so they load anywhere; the optimizer state is
+saved by parameter name (``torch.distributed.checkpoint``'s full state dict) and converted when a
+run without FSDP resumes from it, or the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from sftlab.train.loss import TokenLoss, _base
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard(module: TokenLoss, precision: str) -> TokenLoss:
+    """Shard ``module`` in place: one FSDP unit per decoder layer, then the root. bf16 computes in bf16 and
+    reduces gradients in fp32 (the master weights stay fp32)."""
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    for layer in _base(module.model).get_decoder().layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
+
+
+def full_model_state(module: TokenLoss) -> dict[str, torch.Tensor]:
+    """The whole model's state dict (an adapter's: its own weights) on the main process ({} elsewhere), keys as
+    ``module.model`` names them, a tied weight once (as save_pretrained writes it). Every rank must call it."""
+    aliases = {n for n, _ in module.model.named_parameters(remove_duplicate=False)} - {n for n, _ in module.model.named_parameters()}
+    # an adapter is saved alone: the frozen base is never gathered
+    options = dataclasses.replace(_FULL, ignore_frozen_params=hasattr(module.model, "peft_config"))
+    state = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=options).items()}
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter name, whole, on the main process. Every rank must call it."""
+    return get_optimizer_state_dict(module, _inner(optimizer), options=_FULL)
+
+
+def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict, sharded: bool) -> None:
+    """Load an optimizer state saved by index (``optimizer.state_dict()``) or by name (FSDP) into ``optimizer``."""
+    by_name = any(isinstance(p, str) for g in saved["param_groups"] for p in g["params"])
+    names = _names_in_order(module, optimizer)
+    if sharded:
+        saved = saved if by_name else _renumber(saved, dict(enumerate(names)))
+        set_optimizer_state_dict(module, _inner(optimizer), optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(_renumber(saved, {n: i for i, n in enumerate(names)}) if by_name else saved)
+
+
+def finite(params: list[torch.Tensor]) -> bool:
+    """Whether this rank's part of ``params`` holds only finite numbers."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params)
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def _names_in_order(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name (relative to the unwrapped TokenLoss) of each parameter the optimizer holds, in its order."""
+    inner = getattr(module, "module", module)  # DDP
+    names = {id(p): n for n, p in inner.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _renumber(saved: dict, key: dict) -> dict:
+    """``saved`` with every parameter key (in ``state`` and in the groups) mapped through ``key``."""
+    return {"state": {key[k]: v for k, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in saved["param_groups"]]}
