@@ -744,6 +744,23 @@ def suggest_command(
         typer.echo(text.rstrip())
 
 
+@app.command("webui")
+def webui_command(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but localhost needs --auth."),
+    port: int = typer.Option(7860, "--port", help="Port to listen on."),
+    auth: Optional[str] = typer.Option(None, "--auth", help="user:password the browser must give (required off localhost)."),
+) -> None:
+    """A browser UI (Gradio): look at data, fill a config, train (a detached sftlab train) with live curves, chat."""
+    import importlib.util
+
+    from sftlab.webui.app import check_bind, launch
+
+    check_bind(host, auth)  # before the slow import of gradio
+    if importlib.util.find_spec("gradio") is None:
+        raise SftlabError("sftlab webui needs Gradio: pip install 'sftlab[webui]' (scripts/setup.sh installs it)")
+    launch(host, port, auth)
+
+
 @app.command("config-docs")
 def config_docs(output: Path = typer.Option(Path("docs/config.md"), help="Where to write the reference.")) -> None:
     """Regenerate the config reference from the config declaration."""
