@@ -134,6 +134,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+def display_weight(n: int) -> float:
+    """The smoothing weight the report and the live view show ``n`` logs with: TensorBoard's 0.6 on long
+    runs, less on short ones, where a moving average mostly lags."""
+    return 0.6 * min(1.0, n / 50)
+
+
 def smooth(values, weight: float = 0.6) -> list[float]:
     """TensorBoard's smoothing: an exponential moving average, debiased so the start is not pulled to 0.
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from sftlab.report.diagnose import Finding, smooth
+from sftlab.report.diagnose import Finding, display_weight, smooth
+from sftlab.report.training_report import finished
 
 SPARK = "▁▂▃▄▅▆▇█"
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
@@ -32,7 +33,7 @@ def status(records: list[dict]) -> str:
     last = records[-1]
     if last.get("early_stopped"):
         return f"stopped early at step {last['step']}"
-    return f"finished at step {last['step']}" if "train_runtime" in last else f"running: step {last['step']}, epoch {last.get('epoch', 0):.2f}"
+    return f"finished at step {last['step']}" if finished(records) else f"running: step {last['step']}, epoch {last.get('epoch', 0):.2f}"
 
 
 def status_view(output_dir: Path, records: list[dict], findings: list[Finding]) -> Table:
@@ -44,8 +45,7 @@ def status_view(output_dir: Path, records: list[dict], findings: list[Finding]) 
     grid.add_row("run", f"{output_dir}  ({status(records)})")
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     if losses:
-        weight = 0.6 * min(1.0, len(losses) / 50)
-        grid.add_row("loss", f"{losses[-1]:.4f} (smoothed {smooth(losses, weight)[-1]:.4f})  {sparkline(losses)}")
+        grid.add_row("loss", f"{losses[-1]:.4f} (smoothed {smooth(losses, display_weight(len(losses)))[-1]:.4f})  {sparkline(losses)}")
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if evals:
         best = min(evals, key=lambda e: e[1] if math.isfinite(e[1]) else math.inf)

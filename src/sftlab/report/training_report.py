@@ -13,17 +13,22 @@ from pathlib import Path
 import yaml
 
 from sftlab.errors import SftlabError
-from sftlab.report.diagnose import Finding, RunInfo, diagnose, read_metrics, smooth
+from sftlab.report.diagnose import Finding, RunInfo, diagnose, display_weight, read_metrics, smooth
 from sftlab.report.page import Page, new_figure
 
 REPORT = "report.html"
 _COLOURS = {"train": "#4c72b0", "eval": "#dd8452", "mark": "#c44e52"}
 
 
-def run_info(output_dir: Path, records: list[dict]) -> RunInfo:
-    """What the rules need from the run's config.yaml (none of it when the file is missing)."""
+def run_config(output_dir: Path) -> dict:
+    """The run's config.yaml as a mapping ({} when the file is missing)."""
     path = output_dir / "config.yaml"
-    cfg = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def run_info(output_dir: Path, records: list[dict], cfg: dict | None = None) -> RunInfo:
+    """What the rules need from the run's config (``cfg``, else read from config.yaml; none of it when missing)."""
+    cfg = run_config(output_dir) if cfg is None else cfg
     last = records[-1] if records else {}
     per_epoch = round(last["step"] / last["epoch"]) if last.get("epoch") else None
     total = cfg.get("max_steps") if (cfg.get("max_steps") or -1) > 0 else (
@@ -52,7 +57,8 @@ def write_training_report(output_dir: Path, refresh: int | None = None,
         if not metrics.is_file():
             raise SftlabError(f"{output_dir}: no metrics.jsonl; give the output_dir of a training run")
         records = read_metrics(metrics)
-    findings = diagnose(records, run_info(output_dir, records))
+    cfg = run_config(output_dir)
+    findings = diagnose(records, run_info(output_dir, records, cfg))
     page = Page(f"Training report: {output_dir.name}")
     page.text(f"{output_dir.resolve()}", "note")
     if refresh and not finished(records):
@@ -61,7 +67,7 @@ def write_training_report(output_dir: Path, refresh: int | None = None,
     if not records:
         page.text("No step has been logged yet.")
         return page.write(output_dir / REPORT), findings
-    _summary(page, records, output_dir)
+    _summary(page, records, cfg)
     _diagnosis(page, findings)
     _loss(page, records, findings)
     for key, label, name in (("token_accuracy", "token accuracy (argmax = label, trained tokens)", "training_token_accuracy"),
@@ -78,15 +84,13 @@ def write_training_report(output_dir: Path, refresh: int | None = None,
     return page.write(output_dir / REPORT), findings
 
 
-def _summary(page: Page, records: list[dict], output_dir: Path) -> None:
+def _summary(page: Page, records: list[dict], cfg: dict) -> None:
     last = records[-1]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     rows = [["steps", last["step"]], ["epochs", last.get("epoch")], ["last train loss", last.get("loss")]]
     if evals:
         best = min(evals, key=lambda e: e[1])
         rows += [["last eval loss", evals[-1][1]], ["best eval loss", f"{best[1]:.4g} at step {best[0]}"]]
-        path = output_dir / "config.yaml"
-        cfg = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
         if finished(records) and cfg.get("load_best_model_at_end"):
             rows.append(["final model", f"the best one, from step {best[0]} (load_best_model_at_end)"])
         if last.get("early_stopped"):
@@ -128,8 +132,7 @@ def _loss(page: Page, records: list[dict], findings: list[Finding]) -> None:
     if train:
         steps, values = zip(*train)
         ax.plot(steps, values, color=_COLOURS["train"], alpha=0.3, lw=1, label="train loss")
-        # TensorBoard's 0.6 on long runs; less on short ones, where a moving average mostly lags
-        weight = 0.6 * min(1.0, len(values) / 50)
+        weight = display_weight(len(values))
         ax.plot(steps, smooth(list(values), weight), color=_COLOURS["train"], lw=2, label=f"train loss (smoothed, {weight:.2f})")
     if evals:
         ax.plot(*zip(*evals), color=_COLOURS["eval"], marker="o", ms=4, lw=1.5, label="eval loss")
