@@ -274,10 +274,17 @@ def _count_tokens(ds: datasets.Dataset, report: DataReport) -> None:
         report.trained_tokens += pc.sum(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)).as_py() or 0
 
 
+def validation_count(val_size: float, total: int) -> int:
+    """Samples ``val_size`` holds out of ``total``: a fraction (< 1, at least one sample) or a number (>= 1)."""
+    if val_size <= 0:
+        return 0
+    return int(val_size) if val_size >= 1 else max(1, round(val_size * total))
+
+
 def _split(ds: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     if val_size <= 0:
         return ds, None
-    n_val = int(val_size) if val_size >= 1 else max(1, round(val_size * len(ds)))
+    n_val = validation_count(val_size, len(ds))
     if n_val >= len(ds):
         raise SftlabError(f"val_size {val_size}: leaves no training samples out of {len(ds)}; use a smaller value")
     parts = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)

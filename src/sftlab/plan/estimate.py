@@ -579,8 +579,9 @@ def count_samples(cfg: SFTConfig) -> int | None:
 
 def train_samples(total: int, val_size: float) -> int:
     """Samples left for training after the validation split (``val_size`` as ``data.pipeline`` reads it)."""
-    val = 0 if val_size <= 0 else int(val_size) if val_size >= 1 else max(1, round(val_size * total))
-    return max(total - val, 0)
+    from sftlab.data.pipeline import validation_count
+
+    return max(total - validation_count(val_size, total), 0)
 
 
 def estimate_config(cfg: SFTConfig, target: Target, stats: Path | None = None) -> Estimate:
