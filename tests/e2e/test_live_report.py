@@ -1,6 +1,7 @@
 """`sftlab report OUTPUT_DIR --watch` follows a real training run to its end; the terminal view's parts."""
 
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -17,16 +18,25 @@ def test_watch_follows_a_running_training_until_it_ends(tmp_path, tiny_model_dir
                        output_dir=str(tmp_path / "out"), max_steps=60, per_device_train_batch_size=2, logging_steps=2,
                        learning_rate=1e-3, save_steps=1000, cutoff_len=128, plot_loss=False)
     train = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "train", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
     try:
-        # started before training logs anything: it waits, then follows, then stops by itself at the end
-        watch = subprocess.run([sys.executable, "-m", "sftlab.cli", "report", str(tmp_path / "out"), "--watch", "--every", "1"],
-                               capture_output=True, text=True, timeout=300)
+        # hold the run mid-way (a quiet machine trains the tiny model in seconds), so the watcher surely sees it running
+        deadline = time.time() + 300
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and train.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        train.send_signal(signal.SIGSTOP)
+        watch = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "report", str(tmp_path / "out"), "--watch", "--every", "1"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = watch.stdout.readline()  # the first render, while the run is held
+        train.send_signal(signal.SIGCONT)
+        rest, watch_err = watch.communicate(timeout=300)
     finally:
+        train.send_signal(signal.SIGCONT)
         train_err = train.communicate(timeout=300)[1]
     assert train.returncode == 0, train_err
-    assert watch.returncode == 0, watch.stderr
-    lines = watch.stdout.splitlines()
-    assert any("running: step" in line for line in lines), watch.stdout  # seen mid-run
+    assert watch.returncode == 0, watch_err
+    lines = [first.rstrip("\n")] + rest.splitlines()
+    assert "running: step" in lines[0], lines  # seen mid-run
     assert "finished at step 60" in lines[-2] and lines[-1] == f"report: {tmp_path / 'out' / 'report.html'}"
     page = (tmp_path / "out" / "report.html").read_text()
     assert "Token accuracy" in page and 'http-equiv="refresh"' not in page
