@@ -63,8 +63,12 @@ def train(
     from sftlab.train.launch import launched, run_launcher, torchrun_command
     from sftlab.train.run import run_training
 
+    from sftlab.train.zero import check_deepspeed
+
     cfg = load_config(config, overrides or [])  # checked once, before any process starts
-    if (nproc > 1 or nnodes > 1) and not launched():
+    check_deepspeed(cfg)
+    # DeepSpeed always runs under a launcher (its engine needs the process group, even for one process)
+    if ((nproc > 1 or nnodes > 1) and not launched()) or (cfg.deepspeed and "LOCAL_RANK" not in os.environ):
         command = torchrun_command(str(config), overrides or [], nproc, nnodes, node_rank, master_addr, master_port)
         logging.getLogger("sftlab").info("launching %d process(es) on this node: %s", nproc, " ".join(command[1:]))
         raise typer.Exit(run_launcher(command))
@@ -657,7 +661,7 @@ def estimate_command(
     gpus: int = typer.Option(1, "--gpus", min=1, help=_TARGET_HELP["gpus"]),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help=_TARGET_HELP["memory"]),
     device: Optional[str] = typer.Option(None, "--device", help=_TARGET_HELP["device"]),
-    sharding: str = typer.Option("none", "--sharding", help="none (DDP: each device holds everything), zero1, zero2, zero3 or fsdp (full shard)."),
+    sharding: Optional[str] = typer.Option(None, "--sharding", help="none (DDP: each device holds everything), zero1, zero2, zero3 or fsdp (full shard); default: what the config sets (fsdp, or deepspeed's ZeRO stage)."),
     optim: str = typer.Option("adamw", "--optim", help="adamw (what sftlab trains with: 8 B per trained parameter) or adamw_8bit (2 B; to compare)."),
     no_flash_attn: bool = typer.Option(False, "--no-flash-attn", help="The GPU has no FlashAttention-2 (padded sdpa batches by default)."),
     tflops: Optional[float] = typer.Option(None, "--tflops", help="Peak TFLOP/s of one device (default: the config's peak_tflops, else H100; CPU: measured)."),
@@ -670,6 +674,11 @@ def estimate_command(
     from sftlab.plan.estimate import estimate_config, make_target
 
     cfg = load_config(config, overrides or [])
+    if sharding is None:
+        from sftlab.train.zero import read_deepspeed_config, zero_stage
+
+        stage = zero_stage(read_deepspeed_config(cfg.deepspeed)) if cfg.deepspeed else 0
+        sharding = "fsdp" if cfg.fsdp else f"zero{stage}" if stage else "none"
     target = make_target(device, gpus, gpu_memory, sharding, optim, not no_flash_attn, tflops, mfu)
     result = estimate_config(cfg, target, stats)
     if as_json:

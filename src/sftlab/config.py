@@ -77,6 +77,7 @@ class SFTConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
     fsdp: bool = Field(False, description="Shard weights, gradients and optimizer states across the processes of a launch (PyTorch FSDP2, one unit per decoder layer; checkpoints hold the full model). Needs several processes (sftlab train --nproc N).")
+    deepspeed: str | None = Field(None, description="A DeepSpeed JSON config to train under ZeRO, as in LLaMA-Factory (examples/deepspeed/: ZeRO-2, ZeRO-3, with CPU offload); its \"auto\" values are filled from this YAML. Always runs as a torchrun launch (sftlab train relaunches itself, also for one process); checkpoints resume on the same number of processes.")
     nan_policy: Literal["stop", "skip_step"] = Field("stop", description="A step whose loss or gradient norm is NaN/inf is never applied. stop: save the last good state as a checkpoint and exit with an error; skip_step: drop that step and go on (stops after 10 in a row).")
 
     # --- evaluation, generation and export (sftlab eval / chat / predict / export)
@@ -148,6 +149,8 @@ class SFTConfig(BaseModel):
         if self.fsdp and (self.do_eval_baseline or self.load_best_model_at_end):
             raise ValueError("fsdp: do_eval_baseline and load_best_model_at_end are not available with it yet; "
                              "run sftlab eval on the result, and pick a checkpoint by its eval_loss")
+        if self.deepspeed and self.fsdp:
+            raise ValueError("deepspeed and fsdp are both set: choose one sharding engine")
         for key in ("early_stopping_patience", "load_best_model_at_end"):
             if getattr(self, key) and (self.val_size <= 0 or not self.eval_steps):
                 raise ValueError(f"{key} needs evaluations during training to act on; set val_size (e.g. 0.1) and eval_steps (e.g. 50)")

@@ -236,6 +236,10 @@ def test_estimate_cli(tmp_path, tiny_model_dir, alpaca_file):
     assert text.exit_code == 1 and "does NOT fit in 0.5 GB" in text.output and "seeds' rule of thumb" in text.output
     bad = runner.invoke(app, ["estimate", str(path), "--sharding", "zero9"])
     assert isinstance(bad.exception, SftlabError) and "zero9" in str(bad.exception)
+    # without --sharding, the config's own: deepspeed's ZeRO stage
+    z3 = Path(__file__).parents[2] / "examples" / "deepspeed" / "ds_z3_config.json"
+    sharded = json.loads(runner.invoke(app, ["estimate", str(path), f"deepspeed={z3}", "--gpus", "4", "--json"]).output)
+    assert sharded["target"]["sharding"] == "zero3" and out["target"]["sharding"] == "none"
 
 
 def test_model_config_needs_no_weights(tmp_path, tiny_model_dir):

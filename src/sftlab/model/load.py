@@ -71,8 +71,9 @@ def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrai
     if cfg.torch_compile:  # per layer: small graphs, shared by all layers of the same shape
         for layer in decoder_layers(model):
             layer.compile()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 (DeepSpeed ZeRO-3 loads each weight partitioned)
+    n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    n_all = sum(numel(p) for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     return model
 

@@ -25,6 +25,7 @@ from sftlab.errors import SftlabError
 from sftlab.files import fsync_tree, replace_dir
 
 STATE_FILE = "trainer_state.json"
+ENGINE_DIR = "deepspeed"  # DeepSpeed's own optimizer state (sharded per rank), in place of optimizer.pt
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -66,10 +67,14 @@ def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None, 
 
 
 def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimizer, scheduler, state: TrainState,
-                    state_dict: dict | None = None, optimizer_state: dict | None = None) -> Path:
-    """Write ``output_dir``/checkpoint-N atomically; ``state_dict`` and ``optimizer_state`` as gathered under FSDP."""
+                    state_dict: dict | None = None, optimizer_state: dict | None = None, engine_state: Path | None = None) -> Path:
+    """Write ``output_dir``/checkpoint-N atomically; ``state_dict`` and ``optimizer_state`` as gathered under FSDP;
+    ``engine_state``: a directory DeepSpeed wrote its sharded optimizer state to, moved in as ``deepspeed/``."""
     def extra(tmp: Path) -> None:
-        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
+        if engine_state is not None:
+            os.replace(engine_state, tmp / ENGINE_DIR)
+        else:
+            torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(
             {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -126,12 +131,19 @@ def load_weights(path: Path, model) -> None:
             model.load_state_dict(load_file(f), strict=False)
 
 
-def load_checkpoint(path: Path, module, optimizer, scheduler, sharded: bool = False) -> TrainState:
+def load_checkpoint(path: Path, module, optimizer, scheduler, sharded: bool = False, engine=None) -> TrainState:
     """Restore optimizer, scheduler and RNG states from ``path`` (the weights: ``load_weights``, before
-    ``module`` is wrapped or sharded); return its TrainState."""
+    ``module`` is wrapped or sharded); return its TrainState. ``engine``: DeepSpeed's, which loads its own state."""
     from sftlab.train.sharding import load_optimizer_state
+    from sftlab.train.zero import load_engine_state
 
-    load_optimizer_state(module, optimizer, torch.load(path / "optimizer.pt", weights_only=False), sharded)
+    if engine is not None:
+        load_engine_state(engine, path)
+    elif not (path / "optimizer.pt").is_file() and (path / ENGINE_DIR).is_dir():
+        raise SftlabError(f"{path} holds DeepSpeed's optimizer state, sharded per process; resume it with deepspeed: set and "
+                          f"as many processes as saved it, or start a new run from its weights")
+    else:
+        load_optimizer_state(module, optimizer, torch.load(path / "optimizer.pt", weights_only=False), sharded)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = torch.load(path / "rng_state.pt", weights_only=False)
     random.setstate(rng["python"])

@@ -22,6 +22,7 @@ from sftlab.errors import SftlabError
 from sftlab.train.checkpoint import TrainState, list_checkpoints
 from sftlab.train.flops import FlopCounter
 from sftlab.train.metrics import peak_memory_gb
+from sftlab.train.zero import engine_of
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +150,33 @@ class StepSums(NamedTuple):
     entropy: float  # entropy of the predictions at trained tokens
 
 
-def accumulate_gradients(accelerator: Accelerator, module: torch.nn.Module, batches: list[dict], idle: bool = False) -> StepSums:
+def accumulate_gradients(accelerator: Accelerator, module: torch.nn.Module, batches: list[dict], real: int | None = None) -> StepSums:
     """Forward/backward the micro-batches of one optimizer step; gradients end up as
     d(sum of token losses of the step, all ranks) / d(params) ÷ (trained tokens of the step, all ranks).
 
-    ``idle``: this rank has no micro-batch in the step (the end of an epoch): ``batches`` is one
-    borrowed batch whose loss counts zero, run only so that this rank joins the gradient all-reduce.
+    ``real``: only the first ``real`` batches are this rank's (default: all); the others are borrowed
+    batches whose loss counts zero, run only so that this rank joins the collectives of the step
+    (DDP's all-reduce; DeepSpeed's reduction and gathers in every micro-batch) at the end of an epoch.
     """
-    weight = 0.0 if idle else 1.0
-    local = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) * weight, sum(sum(_sample_lengths(b)) for b in batches) * weight]
-    n_step, n_inputs = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").tolist()
+    real = len(batches) if real is None else real
+    engine = engine_of(module)
+    mine = batches[:real]
+    local = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in mine), sum(sum(_sample_lengths(b)) for b in mine)]
+    n_step, n_inputs = accelerator.reduce(torch.tensor(local, device=accelerator.device, dtype=torch.float64), "sum").tolist()
     sums = torch.zeros(3, device=accelerator.device)  # loss, correct, entropy
     for k, batch in enumerate(batches):
-        with nullcontext() if k == len(batches) - 1 else accelerator.no_sync(module):
+        weight = 1.0 if k < real else 0.0
+        last = k == len(batches) - 1
+        if engine is not None:  # the engine reduces at the boundary it is told; no_sync is not its way
+            engine.set_gradient_accumulation_boundary(last)
+        with nullcontext() if last or engine is not None else accelerator.no_sync(module):
             loss_sum, _, stats = module(**batch)
-            # DDP averages gradients over ranks; × world size makes the result the global token mean.
-            accelerator.backward(loss_sum * (weight * accelerator.num_processes / max(n_step, 1)))
+            # DDP and ZeRO average gradients over ranks; × world size makes the result the global token mean.
+            scaled = loss_sum * (weight * accelerator.num_processes / max(n_step, 1))
+            if engine is not None:
+                engine.backward(scaled, scale_wrt_gas=False)  # the division by the step's tokens is already done
+            else:
+                accelerator.backward(scaled)
         sums += torch.cat([loss_sum.detach()[None], stats.float()]) * weight
     loss, correct, entropy = accelerator.reduce(sums, "sum").tolist()
     return StepSums(loss, int(n_step), int(n_inputs), correct, entropy)
@@ -212,8 +224,9 @@ def fit(
     total_steps = schedule.total_steps(cfg)
     flat = use_flat_batches(cfg.packing, cfg.padding_free, cfg.group_by_length, accelerator.device)
     params = [p for p in module.parameters() if p.requires_grad]
+    engine = engine_of(module)
     # fp16's loss scaler meets inf gradients by design (it skips those steps and lowers the scale)
-    scaled = accelerator.mixed_precision == "fp16"
+    scaled = cfg.fp16  # (under DeepSpeed too, whose engine scales the loss itself)
     window = dict.fromkeys(("loss", "trained", "inputs", "correct", "entropy", "time", "flops", "skipped"), 0.0)
     run_time, run_trained, skipped_in_a_row = 0.0, 0, 0
     module.train()
@@ -221,14 +234,21 @@ def fit(
     for step in range(state.step, total_steps):
         start = time.perf_counter()
         mine = schedule.micro_batches(step, accelerator.process_index)
-        idle = not mine  # the last step of an epoch may have fewer micro-batches than ranks
-        batches = list(_batches(train_ds, mine or schedule.micro_batches(step, 0)[:1], pad_id, accelerator.device, flat))
-        sums = accumulate_gradients(accelerator, module, batches, idle)
-        if cfg.max_grad_norm > 0:
+        # a rank short of micro-batches borrows one, counted zero: DDP needs one backward per rank, DeepSpeed as many as the others
+        runs = max(len(schedule.micro_batches(step, r)) for r in range(accelerator.num_processes)) if engine else max(len(mine), 1)
+        borrowed = (mine or schedule.micro_batches(step, 0))[:1] * (runs - len(mine))
+        batches = list(_batches(train_ds, mine + borrowed, pad_id, accelerator.device, flat))
+        sums = accumulate_gradients(accelerator, module, batches, len(mine))
+        if engine is not None:
+            # DeepSpeed clips (gradient_clipping), applies the update and zeroes the gradients in one call,
+            # and skips the update when the gradient is not finite
+            engine.step()
+            norm = engine.get_global_grad_norm()
+        elif cfg.max_grad_norm > 0:
             norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
+        grad_norm = float("nan") if norm is None else float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: sharded
         lr = scheduler.get_last_lr()[0]
         loss = sums.loss / max(sums.trained, 1)
         if not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaled):
@@ -266,7 +286,7 @@ def fit(
             window[key] += getattr(sums, key)
         window["time"] += step_time
         if flops is not None:  # this rank's samples × ranks (the head term is exact: linear in trained tokens)
-            lens = [] if idle else [n for b in batches for n in _sample_lengths(b)]
+            lens = [n for b in batches[: len(mine)] for n in _sample_lengths(b)]
             window["flops"] += flops.step_flops(lens, sums.trained / accelerator.num_processes) * accelerator.num_processes
 
         record: dict = {}

@@ -16,12 +16,13 @@ import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.data.pipeline import build_data
 from sftlab.errors import SftlabError
+from sftlab.files import fsync_tree
 from sftlab.model.assets import resolve_model
 from sftlab.model.attention import use_flat_batches
 from sftlab.model.load import load_model, load_tokenizer
@@ -34,6 +35,7 @@ from sftlab.train.loop import Schedule, fit
 from sftlab.train.loss import TokenLoss
 from sftlab.train.metrics import MetricsWriter, require_reporter
 from sftlab.train.progress import Progress
+from sftlab.train import zero
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +125,22 @@ def run_training(cfg: SFTConfig) -> Path:
     precision = mixed_precision(cfg)
     require_reporter(cfg.report_to)
     checkpoint = find_checkpoint(cfg)
+    ds = zero.check_deepspeed(cfg)
+    plugin = None
+    if ds is not None:
+        if "LOCAL_RANK" not in os.environ:
+            raise SftlabError("deepspeed: runs as a torchrun launch; start it with sftlab train CONFIG [--nproc N] (which launches "
+                              "itself), torchrun or accelerate launch")
+        plugin = DeepSpeedPlugin(hf_ds_config=zero.fill_deepspeed_config(
+            ds, cfg.deepspeed, micro_batch=cfg.per_device_train_batch_size, accumulation=cfg.gradient_accumulation_steps,
+            world_size=int(os.environ.get("WORLD_SIZE", "1")), max_grad_norm=cfg.max_grad_norm, precision=precision))
     # Each run sets its own precision; the process group (PartialState) is kept across runs.
     AcceleratorState._reset_state(reset_partial_state=False)
-    # Without a GPU, accelerate runs the ranks of a launch as MULTI_CPU (gloo) only when told cpu=True.
-    accelerator = Accelerator(mixed_precision=precision, cpu=launched() and not torch.cuda.is_available())
+    # Without a GPU, accelerate runs the ranks of a launch as MULTI_CPU (gloo) only when told cpu=True, which
+    # turns DeepSpeed off: DeepSpeed on a CPU is told its backend instead.
+    cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu and launched() and plugin is None, deepspeed_plugin=plugin,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and plugin is not None else None)
     main = accelerator.is_main_process
     ranks = WaitGroup(accelerator.num_processes)
     with ranks.first(main):
@@ -153,7 +167,7 @@ def run_training(cfg: SFTConfig) -> Path:
         raise SftlabError("fsdp: true shards the model across processes, and this run has one; "
                           "launch several (sftlab train CONFIG --nproc N) or set fsdp: false")
     model = load_model(cfg, model_dir, accelerator.device)
-    if checkpoint is not None:  # into the whole model, before it is wrapped or sharded
+    if checkpoint is not None and plugin is None:  # into the whole model, before it is wrapped or sharded (DeepSpeed's engine loads its own)
         load_weights(checkpoint, model)
     if cfg.fsdp:  # sharded first: the optimizer must hold the sharded parameters
         module = shard(TokenLoss(model), precision)
@@ -171,12 +185,15 @@ def run_training(cfg: SFTConfig) -> Path:
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     if not cfg.fsdp:
+        if plugin is not None:
+            zero.size_buckets(accelerator.state.deepspeed_plugin.deepspeed_config, cfg.deepspeed, model.config.hidden_size)
         module, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    engine = zero.engine_of(module)
     effective_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
 
     state = TrainState(effective_batch=effective_batch)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(module), optimizer, scheduler, sharded=cfg.fsdp)
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(module), optimizer, scheduler, sharded=cfg.fsdp, engine=engine)
         log.info("resumed from %s at step %d", checkpoint, state.step)
         if state.effective_batch and state.effective_batch != effective_batch:
             log.warning("the checkpoint was trained with an effective batch of %d and this run has %d (per-device batch × "
@@ -196,10 +213,20 @@ def run_training(cfg: SFTConfig) -> Path:
 
     def save(s: TrainState) -> Path:
         path = out / f"checkpoint-{s.step}"
-        # DDP: every rank holds the same weights and optimizer state; FSDP: the shards are gathered to the main process
+        # DDP: every rank holds the same weights and optimizer state; FSDP: the shards are gathered to the main process;
+        # DeepSpeed: the weights are gathered (ZeRO-3) and each rank writes its part of the optimizer state
         weights, moments = (full_model_state(module), full_optimizer_state(module, optimizer)) if cfg.fsdp else (None, None)
+        engine_state = None
+        if engine is not None:
+            engine_state = out / f".checkpoint-{s.step}.deepspeed"
+            if main:
+                shutil.rmtree(engine_state, ignore_errors=True)  # left by a crash
+            accelerator.wait_for_everyone()
+            zero.save_engine_state(engine, engine_state)
+            weights = zero.full_model_state(engine)
+            accelerator.wait_for_everyone()
         if main:
-            save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s, weights, moments)
+            save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s, weights, moments, engine_state)
         accelerator.wait_for_everyone()
         return path
 
@@ -226,15 +253,18 @@ def run_training(cfg: SFTConfig) -> Path:
     if stop[0]:
         raise Interrupted(f"stopped at step {state.step}; checkpoint saved in {out / f'checkpoint-{state.step}'} (resume with resume_from_checkpoint: true)")
     save(state)
-    weights = full_model_state(module) if cfg.fsdp else None  # gathered again: not held in memory all run long
+    # gathered again: not held in memory all run long
+    weights = full_model_state(module) if cfg.fsdp else zero.full_model_state(engine) if engine is not None else None
     if not main:  # the main process publishes, evaluates and reports
         return out
+    best = None
     if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:
-        load_weights(out / f"checkpoint-{state.best_step}", trained())
+        best = out / f"checkpoint-{state.best_step}"
+        load_weights(best, trained())  # what is evaluated below
         log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
                  "adapter" if cfg.finetuning_type == "lora" else "model", state.best_eval_loss, state.best_step,
                  state.best_step, state.eval_loss)
-    publish_final(out, trained(), tokenizer, cfg, weights)
+    publish_final(out, trained(), tokenizer, cfg, weights, weights_from=best)
     log.info("saved the final %s to %s", "adapter" if cfg.finetuning_type == "lora" else "model", out)
     if cfg.do_eval_baseline:
         evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval", baseline=False)
@@ -296,13 +326,20 @@ def before_after(out: Path) -> None:
     log.info("comparison: %s", ", ".join(str(f) for f in files if f.suffix in (".md", ".html")))
 
 
-def publish_final(out: Path, model, tokenizer, cfg: SFTConfig, state_dict: dict | None = None) -> None:
+def publish_final(out: Path, model, tokenizer, cfg: SFTConfig, state_dict: dict | None = None, weights_from: Path | None = None) -> None:
     """Write the final model/adapter + tokenizer into ``out`` itself (where LLaMA-Factory users look).
+    ``weights_from``: a checkpoint whose weight files are the result, copied as saved (load_best_model_at_end).
 
     Written completely to a temporary directory first; each file is then renamed into place.
     """
     staging = out / ".final-staging"
-    write_model_dir(staging, model, tokenizer, cfg, state_dict=state_dict)
+    write_model_dir(staging, model, tokenizer, cfg, state_dict=state_dict if weights_from is None else None)
+    if weights_from is not None:  # byte for byte: under DeepSpeed bf16 the model holds a 16-bit copy, the checkpoint fp32
+        for f in staging.glob("*.safetensors*"):
+            f.unlink()
+        for f in weights_from.glob("*.safetensors*"):
+            shutil.copy2(f, staging / f.name)
+        fsync_tree(staging)
     for f in staging.iterdir():
         os.replace(f, out / f.name)
     staging.rmdir()

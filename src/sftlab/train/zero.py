@@ -1,0 +1,177 @@
+"""DeepSpeed ZeRO (``deepspeed: path/to/ds_config.json``), as LLaMA-Factory and the HF Trainer take it.
+
+The JSON says how to shard (ZeRO stage 2 or 3, CPU offload, bucket sizes); the YAML says what to
+train. Every ``"auto"`` in the JSON is filled from the YAML (batch, accumulation, clipping,
+precision, bucket sizes from the hidden size), and a value the JSON pins that disagrees with the
+YAML is an error, not a silent winner. The optimizer and the learning-rate schedule are sftlab's
+(AdamW and ``lr_scheduler_type``); a JSON ``optimizer`` or ``scheduler`` section is refused.
+
+The loop drives the engine itself (``backward`` per micro-batch, ``step`` once per optimizer
+step): DeepSpeed clips with ``gradient_clipping`` and skips an update whose gradient is not finite.
+Checkpoints hold the full model or adapter (gathered, as under FSDP) plus DeepSpeed's own sharded
+optimizer state in ``deepspeed/``, which resumes on the same number of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from sftlab.errors import SftlabError
+from sftlab.train.checkpoint import ENGINE_DIR
+
+_TAG = "zero"
+
+
+def read_deepspeed_config(path: str | Path) -> dict:
+    """The JSON at ``path``; SftlabError naming the file when it is missing or not a JSON object."""
+    p = Path(path)
+    try:
+        ds = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SftlabError(f"deepspeed: {p} does not exist; use one of examples/deepspeed/*.json or write your own") from None
+    except json.JSONDecodeError as e:
+        raise SftlabError(f"deepspeed: {p} line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(ds, dict):
+        raise SftlabError(f"deepspeed: {p} holds a JSON {type(ds).__name__}, not an object of DeepSpeed settings")
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise SftlabError(f"deepspeed: {p} has a \"{section}\" section; sftlab builds the optimizer and schedule from the YAML "
+                              f"(learning_rate, weight_decay, lr_scheduler_type, warmup): remove the section")
+    stage = zero_stage(ds)
+    if stage not in (0, 1, 2, 3):
+        raise SftlabError(f"deepspeed: {p}: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
+    return ds
+
+
+def check_deepspeed(cfg) -> dict | None:
+    """The run's DeepSpeed JSON (None without ``deepspeed:``), checked against the rest of the config."""
+    if not cfg.deepspeed:
+        return None
+    ds = read_deepspeed_config(cfg.deepspeed)
+    if zero_stage(ds) == 3 and (cfg.do_eval_baseline or cfg.load_best_model_at_end):
+        raise SftlabError(f"deepspeed: {cfg.deepspeed} is ZeRO-3, and do_eval_baseline and load_best_model_at_end are not available "
+                          f"with it yet (the weights are sharded); run sftlab eval on the result, and pick a checkpoint by its eval_loss")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return ds.get("zero_optimization", {}).get("stage", 0)
+
+
+def offloads(ds: dict) -> bool:
+    """Whether the config moves optimizer states or parameters to the CPU/NVMe."""
+    z = ds.get("zero_optimization", {})
+    return any(z.get(k, {}).get("device", "none") not in ("none", None) for k in ("offload_optimizer", "offload_param"))
+
+
+def fill_deepspeed_config(ds: dict, path: str, *, micro_batch: int, accumulation: int, world_size: int, max_grad_norm: float,
+                          precision: str) -> dict:
+    """A copy of ``ds`` with the YAML's values in place of "auto"; SftlabError where a pinned value disagrees.
+    The bucket sizes need the model: ``size_buckets`` fills them."""
+    ds = copy.deepcopy(ds)
+    owned = {  # key path → the YAML's value and the YAML key it comes from
+        ("train_micro_batch_size_per_gpu",): (micro_batch, "per_device_train_batch_size"),
+        ("gradient_accumulation_steps",): (accumulation, "gradient_accumulation_steps"),
+        ("train_batch_size",): (micro_batch * accumulation * world_size, "per_device_train_batch_size × gradient_accumulation_steps × processes"),
+        ("gradient_clipping",): (max_grad_norm, "max_grad_norm"),
+        ("bf16", "enabled"): (precision == "bf16", "bf16"),
+        ("fp16", "enabled"): (precision == "fp16", "fp16"),
+    }
+    for keys, (value, yaml_key) in owned.items():
+        parent = ds
+        for k in keys[:-1]:
+            parent = parent.setdefault(k, {})
+        pinned = parent.get(keys[-1], "auto")
+        if pinned != "auto" and pinned != value:
+            raise SftlabError(f"deepspeed: {path}: {'.'.join(keys)} is {json.dumps(pinned)} but the YAML's {yaml_key} gives "
+                              f"{json.dumps(value)}; set it to \"auto\" (the YAML decides) or change the YAML")
+        parent[keys[-1]] = value
+    z = ds.setdefault("zero_optimization", {})
+    if zero_stage(ds) == 3:
+        z["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints hold the full model, gathered layer by layer
+    ds["zero_allow_untested_optimizer"] = True  # the YAML's AdamW (torch), not DeepSpeed's fused or CPU one
+    ds["zero_force_ds_cpu_optimizer"] = False  # offloading steps torch's AdamW on the CPU: no compiled op needed
+    ds.setdefault("steps_per_print", 2**31 - 1)  # sftlab logs the steps
+    return ds
+
+
+def size_buckets(ds: dict, path: str, hidden_size: int) -> None:
+    """Fill the "auto" bucket sizes of ``ds`` in place from the model's hidden size (the HF Trainer's rule);
+    SftlabError when any other "auto" is left."""
+    z = ds.setdefault("zero_optimization", {})
+    sized = {"reduce_bucket_size": hidden_size * hidden_size, "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in sized.items():
+        if z.get(key) == "auto":
+            z[key] = value
+    left = [k for k, v in _walk(ds) if v == "auto"]
+    if left:
+        raise SftlabError(f"deepspeed: {path}: sftlab cannot fill {', '.join(left)} (\"auto\"); give a number")
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def engine_of(module: torch.nn.Module):
+    """The DeepSpeed engine when ``module`` is one (accelerate's prepare made it), else None."""
+    return module if type(module).__name__ == "DeepSpeedEngine" else None
+
+
+def full_model_state(engine) -> dict[str, torch.Tensor] | None:
+    """The weights to save, on the main process ({} on the others), keys as ``TokenLoss.model`` names them;
+    None where the model's own parameters already are that (ZeRO-0/1/2 in fp32: whole on every rank).
+
+    ZeRO-3 gathers them layer by layer (an adapter's only). Under bf16/fp16 the engine computes with a
+    half-precision copy, so the trained weights are taken from the optimizer's fp32 master copy
+    instead, as the HF Trainer's ``zero_to_fp32`` does after the fact. Every rank must call it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    half = engine.bfloat16_enabled() or engine.fp16_enabled()
+    stage3 = engine.zero_optimization_stage() == 3
+    if not (half or stage3):
+        return None
+    model = engine.module.model
+    lora = hasattr(model, "peft_config")
+    if stage3:
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora) or {}
+    else:
+        state = dict(engine.module.state_dict())  # references; an adapter's own keys are picked when saving
+    if half:
+        for name, p in engine.module.named_parameters():
+            if p.requires_grad:
+                master = safe_get_full_fp32_param(p)  # gathered on every rank under ZeRO-3
+                state[name] = master.cpu() if engine.global_rank == 0 else None
+    if engine.global_rank != 0:
+        return {}
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def save_engine_state(engine, directory: Path) -> None:
+    """DeepSpeed's optimizer (and engine) state, sharded per rank, into ``directory``. Every rank must call it."""
+    engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False,
+                           exclude_frozen_parameters=hasattr(engine.module.model, "peft_config"))
+
+
+def load_engine_state(engine, checkpoint: Path) -> None:
+    """Restore DeepSpeed's optimizer state from ``checkpoint``/deepspeed (saved on as many processes as now)."""
+    saved = checkpoint / ENGINE_DIR
+    if not saved.is_dir():
+        raise SftlabError(f"{checkpoint} was not saved under deepspeed (no {ENGINE_DIR}/ with its optimizer state); "
+                          f"resume it without deepspeed:, or start a new run from its weights")
+    ranks = len(list((saved / _TAG).glob("*optim_states.pt")))
+    if ranks != engine.world_size:
+        raise SftlabError(f"{checkpoint} holds DeepSpeed optimizer state sharded over {ranks} process(es) and this run has "
+                          f"{engine.world_size}; resume on {ranks} (or convert it with DeepSpeed's ds_to_universal)")
+    engine.load_checkpoint(str(saved), tag=_TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
