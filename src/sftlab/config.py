@@ -76,7 +76,8 @@ class SFTConfig(BaseModel):
     peak_tflops: float | None = Field(None, gt=0, description="Device peak TFLOP/s for the MFU metric (default: a table of GPUs; on CPU a matmul measured at start).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for data order, splits, initialisation and dropout.")
-    fsdp: bool = Field(False, description="Shard weights, gradients and optimizer states across the processes of a launch (PyTorch FSDP2, one unit per decoder layer; checkpoints hold the full model). Needs several processes (sftlab train --nproc N).")
+    fsdp: bool = Field(False, description="Shard weights, gradients and optimizer states across the processes of a launch (PyTorch FSDP2, one unit per decoder layer). Needs several processes (sftlab train --nproc N).")
+    fsdp_state_dict_type: Literal["full", "sharded"] = Field("full", description="FSDP checkpoints: full (gathered to the main process: normal safetensors that load anywhere) or sharded (each process writes its part with torch.distributed.checkpoint: nothing gathered, for models too big to gather; resumes on any number of processes). The final model is always full.")
     deepspeed: str | None = Field(None, description="A DeepSpeed JSON config to train under ZeRO, as in LLaMA-Factory (examples/deepspeed/: ZeRO-2, ZeRO-3, with CPU offload); its \"auto\" values are filled from this YAML. Always runs as a torchrun launch (sftlab train relaunches itself, also for one process); checkpoints resume on the same number of processes.")
     nan_policy: Literal["stop", "skip_step"] = Field("stop", description="A step whose loss or gradient norm is NaN/inf is never applied. stop: save the last good state as a checkpoint and exit with an error; skip_step: drop that step and go on (stops after 10 in a row).")
 
@@ -149,6 +150,8 @@ class SFTConfig(BaseModel):
         if self.fsdp and (self.do_eval_baseline or self.load_best_model_at_end):
             raise ValueError("fsdp: do_eval_baseline and load_best_model_at_end are not available with it yet; "
                              "run sftlab eval on the result, and pick a checkpoint by its eval_loss")
+        if self.fsdp_state_dict_type == "sharded" and not self.fsdp:
+            raise ValueError("fsdp_state_dict_type: sharded applies to FSDP runs; set fsdp: true or remove it")
         if self.deepspeed and self.fsdp:
             raise ValueError("deepspeed and fsdp are both set: choose one sharding engine")
         for key in ("early_stopping_patience", "load_best_model_at_end"):

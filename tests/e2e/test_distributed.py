@@ -108,6 +108,31 @@ def test_fsdp_shards_and_trains_like_one_process(tmp_path, tiny_model_dir, alpac
         _same_steps(a[2:], _records(out))
 
 
+def test_fsdp_sharded_checkpoints_resume_on_another_process_count(tmp_path, tiny_model_dir, alpaca_file):
+    """fsdp_state_dict_type sharded: each rank writes its shards (nothing gathered); the checkpoint resumes with
+    the same losses under FSDP and on one process without it; the final model is still a whole one."""
+    over = dict(finetuning_type="full", max_samples=5, val_size=1, num_train_epochs=1)  # 4 samples: 2 steps of 2
+    one, _ = _run(tmp_path, "one", tiny_model_dir, alpaca_file, nproc=1, accumulation=2, save_steps=1, **over)
+    two, _ = _run(tmp_path, "sharded", tiny_model_dir, alpaca_file, nproc=2, accumulation=1, fsdp=True, save_steps=1,
+                  fsdp_state_dict_type="sharded", **over)
+    a, b = _records(one), _records(two)
+    _same_steps(a, b)
+    ckpt = two / "checkpoint-1"
+    assert (ckpt / "fsdp" / ".metadata").is_file() and not list(ckpt.glob("*.safetensors")) and not (ckpt / "optimizer.pt").exists()
+    assert (ckpt / "config.json").is_file()  # the model's config, for what the weights are
+    wa, wb = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
+    for name, nproc, accumulation, fsdp in (("on-two", 2, 1, True), ("on-one", 1, 2, False)):
+        resumed = tmp_path / name
+        resumed.mkdir()
+        shutil.copytree(ckpt, resumed / "checkpoint-1")
+        out, _ = _run(tmp_path, name, tiny_model_dir, alpaca_file, nproc=nproc, accumulation=accumulation, fsdp=fsdp,
+                      resume_from_checkpoint=True, **over, **({"fsdp_state_dict_type": "sharded"} if fsdp else {}))
+        _same_steps(b[1:], _records(out))
+
+
 def test_fsdp_needs_several_processes(tmp_path, tiny_model_dir, alpaca_file):
     from sftlab.config import load_config
     from sftlab.train.run import run_training
@@ -118,6 +143,8 @@ def test_fsdp_needs_several_processes(tmp_path, tiny_model_dir, alpaca_file):
         run_training(cfg)
     with pytest.raises(SftlabError, match="use bf16"):
         load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, fp16=True)
+    with pytest.raises(SftlabError, match="fsdp_state_dict_type: sharded applies to FSDP runs"):
+        load_config(None, [], model_name_or_path="m", dataset="d", fsdp_state_dict_type="sharded")
 
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "deepspeed")

@@ -26,6 +26,7 @@ from sftlab.files import fsync_tree, replace_dir
 
 STATE_FILE = "trainer_state.json"
 ENGINE_DIR = "deepspeed"  # DeepSpeed's own optimizer state (sharded per rank), in place of optimizer.pt
+SHARDED_DIR = "fsdp"  # fsdp_state_dict_type sharded: weights and optimizer state as each rank wrote them, in place of both
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -45,16 +46,21 @@ class TrainState:
     effective_batch: int = 0  # per-device batch × accumulation × processes of the run that saved it (0: unknown)
 
 
-def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None, state_dict: dict | None = None) -> None:
+def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None, state_dict: dict | None = None,
+                    weights: bool = True) -> None:
     """Atomically write ``target`` holding the model or adapter, tokenizer and config.yaml.
 
     ``extra(tmp_dir)`` may add files before the rename; ``state_dict`` replaces the model's own (FSDP
-    gathers it: the model's parameters are shards). An existing ``target`` is replaced.
+    gathers it: the model's parameters are shards); ``weights=False`` writes the model's (or adapter's)
+    config without weights (they are elsewhere in ``target``). An existing ``target`` is replaced.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        if not weights:
+            (model.peft_config[model.active_adapter] if hasattr(model, "peft_config") else model.config).save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         if extra is not None:
@@ -67,12 +73,14 @@ def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None, 
 
 
 def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimizer, scheduler, state: TrainState,
-                    state_dict: dict | None = None, optimizer_state: dict | None = None, engine_state: Path | None = None) -> Path:
+                    state_dict: dict | None = None, optimizer_state: dict | None = None,
+                    per_rank: tuple[Path, str] | None = None) -> Path:
     """Write ``output_dir``/checkpoint-N atomically; ``state_dict`` and ``optimizer_state`` as gathered under FSDP;
-    ``engine_state``: a directory DeepSpeed wrote its sharded optimizer state to, moved in as ``deepspeed/``."""
+    ``per_rank``: (a directory every rank wrote its part of the state to, its name in the checkpoint): DeepSpeed's
+    optimizer state (``deepspeed/``) or FSDP's sharded weights and optimizer state (``fsdp/``, no safetensors then)."""
     def extra(tmp: Path) -> None:
-        if engine_state is not None:
-            os.replace(engine_state, tmp / ENGINE_DIR)
+        if per_rank is not None:  # the optimizer state is in there
+            os.replace(per_rank[0], tmp / per_rank[1])
         else:
             torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -84,7 +92,7 @@ def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimize
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
 
     path = output_dir / f"checkpoint-{state.step}"
-    write_model_dir(path, model, tokenizer, cfg, extra, state_dict)
+    write_model_dir(path, model, tokenizer, cfg, extra, state_dict, weights=per_rank is None or per_rank[1] != SHARDED_DIR)
     if cfg.save_total_limit:
         best = output_dir / f"checkpoint-{state.best_step}" if cfg.load_best_model_at_end and state.best_step else None
         for old in list_checkpoints(output_dir)[: -cfg.save_total_limit]:
@@ -117,6 +125,11 @@ def find_checkpoint(cfg: SFTConfig) -> Path | None:
     return path
 
 
+def holds_weights(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds its weights as safetensors (not: FSDP's sharded state, loaded with the optimizer)."""
+    return not (path / SHARDED_DIR).is_dir()
+
+
 def load_weights(path: Path, model) -> None:
     """Load the trained weights (adapter or model) saved in checkpoint ``path`` into ``model``."""
     if (path / "adapter_model.safetensors").is_file():
@@ -134,11 +147,13 @@ def load_weights(path: Path, model) -> None:
 def load_checkpoint(path: Path, module, optimizer, scheduler, sharded: bool = False, engine=None) -> TrainState:
     """Restore optimizer, scheduler and RNG states from ``path`` (the weights: ``load_weights``, before
     ``module`` is wrapped or sharded); return its TrainState. ``engine``: DeepSpeed's, which loads its own state."""
-    from sftlab.train.sharding import load_optimizer_state
+    from sftlab.train.sharding import load_optimizer_state, load_sharded
     from sftlab.train.zero import load_engine_state
 
     if engine is not None:
         load_engine_state(engine, path)
+    elif (path / SHARDED_DIR).is_dir():  # weights and optimizer state, resharded to this run
+        load_sharded(module, optimizer, path / SHARDED_DIR)
     elif not (path / "optimizer.pt").is_file() and (path / ENGINE_DIR).is_dir():
         raise SftlabError(f"{path} holds DeepSpeed's optimizer state, sharded per process; resume it with deepspeed: set and "
                           f"as many processes as saved it, or start a new run from its weights")

@@ -26,11 +26,11 @@ from sftlab.files import fsync_tree
 from sftlab.model.assets import resolve_model
 from sftlab.model.attention import use_flat_batches
 from sftlab.model.load import load_model, load_tokenizer
-from sftlab.train.checkpoint import (TrainState, find_checkpoint, list_checkpoints, load_checkpoint, load_weights, save_checkpoint,
-                                     write_model_dir)
+from sftlab.train.checkpoint import (ENGINE_DIR, SHARDED_DIR, TrainState, find_checkpoint, holds_weights, list_checkpoints,
+                                     load_checkpoint, load_weights, save_checkpoint, write_model_dir)
 from sftlab.train.flops import FlopCounter, peak_flops
 from sftlab.train.launch import WaitGroup, launched
-from sftlab.train.sharding import full_model_state, full_optimizer_state, shard
+from sftlab.train.sharding import full_model_state, full_optimizer_state, save_sharded, shard
 from sftlab.train.loop import Schedule, fit
 from sftlab.train.loss import TokenLoss
 from sftlab.train.metrics import MetricsWriter, require_reporter
@@ -167,7 +167,8 @@ def run_training(cfg: SFTConfig) -> Path:
         raise SftlabError("fsdp: true shards the model across processes, and this run has one; "
                           "launch several (sftlab train CONFIG --nproc N) or set fsdp: false")
     model = load_model(cfg, model_dir, accelerator.device)
-    if checkpoint is not None and plugin is None:  # into the whole model, before it is wrapped or sharded (DeepSpeed's engine loads its own)
+    # into the whole model, before it is wrapped or sharded (DeepSpeed's engine and FSDP's sharded state load with the optimizer)
+    if checkpoint is not None and plugin is None and holds_weights(checkpoint):
         load_weights(checkpoint, model)
     if cfg.fsdp:  # sharded first: the optimizer must hold the sharded parameters
         module = shard(TokenLoss(model), precision)
@@ -214,19 +215,24 @@ def run_training(cfg: SFTConfig) -> Path:
     def save(s: TrainState) -> Path:
         path = out / f"checkpoint-{s.step}"
         # DDP: every rank holds the same weights and optimizer state; FSDP: the shards are gathered to the main process;
-        # DeepSpeed: the weights are gathered (ZeRO-3) and each rank writes its part of the optimizer state
-        weights, moments = (full_model_state(module), full_optimizer_state(module, optimizer)) if cfg.fsdp else (None, None)
-        engine_state = None
-        if engine is not None:
-            engine_state = out / f".checkpoint-{s.step}.deepspeed"
+        # DeepSpeed: the weights are gathered (ZeRO-3) and each rank writes its part of the optimizer state;
+        # fsdp_state_dict_type sharded: each rank writes its shards, nothing is gathered
+        weights, moments, per_rank = None, None, None
+        if engine is not None or cfg.fsdp_state_dict_type == "sharded":
+            per_rank = (out / f".checkpoint-{s.step}.per-rank", ENGINE_DIR if engine is not None else SHARDED_DIR)
             if main:
-                shutil.rmtree(engine_state, ignore_errors=True)  # left by a crash
+                shutil.rmtree(per_rank[0], ignore_errors=True)  # left by a crash
             accelerator.wait_for_everyone()
-            zero.save_engine_state(engine, engine_state)
-            weights = zero.full_model_state(engine)
+            if engine is not None:
+                zero.save_engine_state(engine, per_rank[0])
+                weights = zero.full_model_state(engine)
+            else:
+                save_sharded(module, optimizer, per_rank[0])
             accelerator.wait_for_everyone()
+        elif cfg.fsdp:
+            weights, moments = full_model_state(module), full_optimizer_state(module, optimizer)
         if main:
-            save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s, weights, moments, engine_state)
+            save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s, weights, moments, per_rank)
         accelerator.wait_for_everyone()
         return path
 

@@ -10,10 +10,13 @@ run without FSDP resumes from it, or the other way round.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict, get_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from sftlab.train.loss import TokenLoss, _base
@@ -56,6 +59,27 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
         set_optimizer_state_dict(module, _inner(optimizer), optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(_renumber(saved, {n: i for i, n in enumerate(names)}) if by_name else saved)
+
+
+def save_sharded(module: TokenLoss, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Each rank writes its shards of the weights (an adapter's only) and of the optimizer state into ``directory``
+    (``torch.distributed.checkpoint``): nothing is gathered. Every rank must call it."""
+    options = StateDictOptions(ignore_frozen_params=_is_adapter(module))
+    weights, moments = get_state_dict(module, _inner(optimizer), options=options)
+    dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=str(directory))
+
+
+def load_sharded(module: TokenLoss, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Load a ``save_sharded`` checkpoint into ``module`` and ``optimizer``, sharded over any number of processes
+    (torch.distributed.checkpoint reshards) or not sharded at all."""
+    options = StateDictOptions(ignore_frozen_params=_is_adapter(module), strict=False)
+    weights, moments = get_state_dict(module, _inner(optimizer), options=options)
+    dcp.load({"model": weights, "optimizer": moments}, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
+    set_state_dict(module, _inner(optimizer), model_state_dict=weights, optim_state_dict=moments, options=options)
+
+
+def _is_adapter(module: TokenLoss) -> bool:
+    return hasattr(module.model, "peft_config")
 
 
 def finite(params: list[torch.Tensor]) -> bool:
