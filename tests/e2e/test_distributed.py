@@ -66,7 +66,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
 
 def test_torchrun_command_and_launch_detection(monkeypatch):
     cmd = torchrun_command("c.yaml", ["learning_rate=1e-4"], nproc=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29400)
-    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[1:3] == ["-m", "sftlab.train.launch"]  # torchrun, without its traceback when a rank fails
     assert {"--nproc-per-node=4", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400"} <= set(cmd)
     assert cmd[-5:] == ["-m", "sftlab.cli", "train", "c.yaml", "learning_rate=1e-4"]
     with pytest.raises(SftlabError, match="node-rank 2"):
@@ -133,6 +133,27 @@ def test_fsdp_sharded_checkpoints_resume_on_another_process_count(tmp_path, tiny
         _same_steps(b[1:], _records(out))
 
 
+def test_fsdp_load_best_model_at_end_publishes_the_best_checkpoint(tmp_path, tiny_model_dir):
+    """Under FSDP the best checkpoint's gathered weights become the final model (a run forced to overfit:
+    random-word answers, full tuning, a high constant learning rate)."""
+    import random
+
+    rng = random.Random(0)
+    words = "apple river stone cloud green seven table music horse paper light ocean winter silver garden candle".split()
+    rows = [{"instruction": f"Code word {i}?", "input": "", "output": " ".join(rng.choice(words) for _ in range(4))} for i in range(16)]
+    (tmp_path / "codes.json").write_text(json.dumps(rows))
+    out, _ = _run(tmp_path, "best", tiny_model_dir, tmp_path / "codes.json", nproc=2, accumulation=1, fsdp=True, finetuning_type="full",
+                  max_samples=None, val_size=6, per_device_train_batch_size=5, learning_rate=0.01, lr_scheduler_type="constant",
+                  max_steps=30, logging_steps=5, eval_steps=5, save_steps=1000, save_total_limit=1, cutoff_len=64,
+                  load_best_model_at_end=True)
+    last = _records(out)[-1]
+    assert last["best_step"] < last["step"], "no overfitting: the test proves nothing"
+    final, at_best = load_file(out / "model.safetensors"), load_file(out / f"checkpoint-{last['best_step']}" / "model.safetensors")
+    assert final.keys() == at_best.keys() and all(torch.equal(final[k], at_best[k]) for k in final)
+    at_last = load_file(out / f"checkpoint-{last['step']}" / "model.safetensors")
+    assert not all(torch.equal(final[k], at_last[k]) for k in final)
+
+
 def test_fsdp_needs_several_processes(tmp_path, tiny_model_dir, alpaca_file):
     from sftlab.config import load_config
     from sftlab.train.run import run_training
@@ -143,6 +164,11 @@ def test_fsdp_needs_several_processes(tmp_path, tiny_model_dir, alpaca_file):
         run_training(cfg)
     with pytest.raises(SftlabError, match="use bf16"):
         load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, fp16=True)
+    with pytest.raises(SftlabError, match="do_eval_baseline is not available"):
+        load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, val_size=0.1, do_eval_baseline=True)
+    with pytest.raises(SftlabError, match="load_best_model_at_end needs checkpoints that hold the weights"):
+        load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, fsdp_state_dict_type="sharded", val_size=0.1,
+                    eval_steps=5, load_best_model_at_end=True)
     with pytest.raises(SftlabError, match="fsdp_state_dict_type: sharded applies to FSDP runs"):
         load_config(None, [], model_name_or_path="m", dataset="d", fsdp_state_dict_type="sharded")
 

@@ -38,9 +38,28 @@ def torchrun_command(config: str, overrides: list[str], nproc: int, nnodes: int 
         raise SftlabError(f"--nproc {nproc} --nnodes {nnodes} --node-rank {node_rank}: need nproc ≥ 1, nnodes ≥ 1 and 0 ≤ node-rank < nnodes")
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise SftlabError(f"--nproc {nproc}, but this machine has {torch.cuda.device_count()} GPU(s): use one process per GPU")
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
+    return [sys.executable, "-m", "sftlab.train.launch", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
             f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}",
             "-m", "sftlab.cli", "train", config, *overrides]
+
+
+def torchrun(argv: list[str]) -> int:
+    """torchrun with ``argv``; a failed rank ends it with that rank's exit code, a signal with 128 + its number.
+    The ranks have already said what happened (sftlab's one-line error, or where the checkpoint is), so
+    torchrun's own traceback of it is not printed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(argv))
+    except SignalException as e:  # passed on to the ranks, which checkpointed and said where
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"sftlab: rank {rank} failed (exit code {failure.exitcode}); its message is above", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
 
 
 def run_launcher(command: list[str]) -> int:
@@ -74,3 +93,7 @@ class WaitGroup:
         yield
         if is_first:
             self.wait()
+
+
+if __name__ == "__main__":  # what ``torchrun_command`` runs
+    sys.exit(torchrun(sys.argv[1:]))

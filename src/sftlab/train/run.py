@@ -139,6 +139,8 @@ def run_training(cfg: SFTConfig) -> Path:
     # Without a GPU, accelerate runs the ranks of a launch as MULTI_CPU (gloo) only when told cpu=True, which
     # turns DeepSpeed off: DeepSpeed on a CPU is told its backend instead.
     cpu = not torch.cuda.is_available()
+    if cpu:  # DeepSpeed, when installed, is imported by accelerate in any run and would warn that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu and launched() and plugin is None, deepspeed_plugin=plugin,
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and plugin is not None else None)
     main = accelerator.is_main_process
@@ -266,7 +268,8 @@ def run_training(cfg: SFTConfig) -> Path:
     best = None
     if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:
         best = out / f"checkpoint-{state.best_step}"
-        load_weights(best, trained())  # what is evaluated below
+        if cfg.do_eval_baseline:  # evaluated below (never under FSDP or ZeRO-3, where the main process holds shards)
+            load_weights(best, trained())
         log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
                  "adapter" if cfg.finetuning_type == "lora" else "model", state.best_eval_loss, state.best_step,
                  state.best_step, state.eval_loss)
@@ -339,8 +342,8 @@ def publish_final(out: Path, model, tokenizer, cfg: SFTConfig, state_dict: dict 
     Written completely to a temporary directory first; each file is then renamed into place.
     """
     staging = out / ".final-staging"
-    write_model_dir(staging, model, tokenizer, cfg, state_dict=state_dict if weights_from is None else None)
-    if weights_from is not None:  # byte for byte: under DeepSpeed bf16 the model holds a 16-bit copy, the checkpoint fp32
+    write_model_dir(staging, model, tokenizer, cfg, state_dict=state_dict)
+    if weights_from is not None:  # byte for byte (under DeepSpeed bf16 the model holds a 16-bit copy, the checkpoint fp32)
         for f in staging.glob("*.safetensors*"):
             f.unlink()
         for f in weights_from.glob("*.safetensors*"):

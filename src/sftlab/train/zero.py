@@ -52,9 +52,9 @@ def check_deepspeed(cfg) -> dict | None:
     if not cfg.deepspeed:
         return None
     ds = read_deepspeed_config(cfg.deepspeed)
-    if zero_stage(ds) == 3 and (cfg.do_eval_baseline or cfg.load_best_model_at_end):
-        raise SftlabError(f"deepspeed: {cfg.deepspeed} is ZeRO-3, and do_eval_baseline and load_best_model_at_end are not available "
-                          f"with it yet (the weights are sharded); run sftlab eval on the result, and pick a checkpoint by its eval_loss")
+    if zero_stage(ds) == 3 and cfg.do_eval_baseline:
+        raise SftlabError(f"deepspeed: {cfg.deepspeed} is ZeRO-3, and do_eval_baseline is not available with it yet (generation on "
+                          f"sharded weights); run sftlab eval on the base model and on the result")
     return ds
 
 
