@@ -147,9 +147,9 @@ class SFTConfig(BaseModel):
             raise ValueError("do_eval_baseline: true needs a validation split to evaluate on; set val_size (e.g. 0.1)")
         if self.fsdp and self.fp16:
             raise ValueError("fsdp with fp16 is not supported (it needs a sharded loss scaler); use bf16: true")
-        if self.fsdp and self.do_eval_baseline:
-            raise ValueError("fsdp: do_eval_baseline is not available with it yet (generation on sharded weights); "
-                             "run sftlab eval on the base model and on the result")
+        if self.fsdp and self.do_eval_baseline and self.load_best_model_at_end:
+            raise ValueError("fsdp: do_eval_baseline with load_best_model_at_end is not available yet (the best weights "
+                             "would have to be sharded again to be evaluated); run sftlab eval on the result")
         if self.fsdp_state_dict_type == "sharded" and self.load_best_model_at_end:
             raise ValueError("load_best_model_at_end needs checkpoints that hold the weights; with fsdp_state_dict_type: sharded "
                              "they do not: use full, or pick a checkpoint by its eval_loss")

@@ -133,6 +133,24 @@ def test_fsdp_sharded_checkpoints_resume_on_another_process_count(tmp_path, tiny
         _same_steps(b[1:], _records(out))
 
 
+def test_fsdp_evaluates_before_and_after_like_one_process(tmp_path, tiny_model_dir, alpaca_file):
+    """do_eval_baseline under FSDP: every rank runs the evaluation (loss and generation) on gathered weights in step,
+    the main process writes it; the results equal one process's."""
+    over = dict(do_eval_baseline=True, predict_with_generate=True, max_new_tokens=8, num_train_epochs=1)
+    one, _ = _run(tmp_path, "one", tiny_model_dir, alpaca_file, nproc=1, accumulation=2, **over)
+    two, _ = _run(tmp_path, "fsdp", tiny_model_dir, alpaca_file, nproc=2, accumulation=1, fsdp=True, **over)
+    for split in ("eval_baseline", "eval"):
+        a = json.loads((one / split / "eval_results.json").read_text())["metrics"]
+        b = json.loads((two / split / "eval_results.json").read_text())["metrics"]
+        assert a.keys() == b.keys() and "bleu-4" in a
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (split, key)
+        pa = [json.loads(line)["prediction"] for line in (one / split / "generated_predictions.jsonl").read_text().splitlines()]
+        pb = [json.loads(line)["prediction"] for line in (two / split / "generated_predictions.jsonl").read_text().splitlines()]
+        assert pa == pb
+    assert (two / "compare.md").is_file()  # the before → after table
+
+
 def test_fsdp_load_best_model_at_end_publishes_the_best_checkpoint(tmp_path, tiny_model_dir):
     """Under FSDP the best checkpoint's gathered weights become the final model (a run forced to overfit:
     random-word answers, full tuning, a high constant learning rate)."""
@@ -164,8 +182,9 @@ def test_fsdp_needs_several_processes(tmp_path, tiny_model_dir, alpaca_file):
         run_training(cfg)
     with pytest.raises(SftlabError, match="use bf16"):
         load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, fp16=True)
-    with pytest.raises(SftlabError, match="do_eval_baseline is not available"):
-        load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, val_size=0.1, do_eval_baseline=True)
+    with pytest.raises(SftlabError, match="do_eval_baseline with load_best_model_at_end is not available"):
+        load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, val_size=0.1, eval_steps=5, do_eval_baseline=True,
+                    load_best_model_at_end=True)
     with pytest.raises(SftlabError, match="load_best_model_at_end needs checkpoints that hold the weights"):
         load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, fsdp_state_dict_type="sharded", val_size=0.1,
                     eval_steps=5, load_best_model_at_end=True)

@@ -90,6 +90,8 @@ def answer_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samp
         raise SftlabError("no evaluation sample can be scored for loss (each is malformed, too long or has nothing to train)")
     encoded.sort(key=lambda e: len(e.input_ids))
     module = TokenLoss(model).eval()
+    if hasattr(module.head_weight(), "ds_id"):  # DeepSpeed ZeRO-3 gathers a weight only in its module's forward: run the head whole
+        module.selective = False
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):

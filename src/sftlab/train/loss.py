@@ -118,6 +118,9 @@ class TokenLoss(torch.nn.Module):
         self.selective = (plain_head and hasattr(base, "get_decoder") and isinstance(head, torch.nn.Linear)
                           and head.bias is None)
 
+    def head_weight(self) -> torch.Tensor:
+        return _base(self.model).get_output_embeddings().weight
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids, labels (and attention_mask or position_ids): [batch, seq].

@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -30,7 +30,7 @@ from sftlab.train.checkpoint import (ENGINE_DIR, SHARDED_DIR, TrainState, find_c
                                      load_checkpoint, load_weights, save_checkpoint, write_model_dir)
 from sftlab.train.flops import FlopCounter, peak_flops
 from sftlab.train.launch import WaitGroup, launched
-from sftlab.train.sharding import full_model_state, full_optimizer_state, save_sharded, shard
+from sftlab.train.sharding import full_model_state, full_optimizer_state, root_unsharded, save_sharded, shard
 from sftlab.train.loop import Schedule, fit
 from sftlab.train.loss import TokenLoss
 from sftlab.train.metrics import MetricsWriter, require_reporter
@@ -209,9 +209,21 @@ def run_training(cfg: SFTConfig) -> Path:
              f" ({accelerator.num_processes} processes, {accelerator.distributed_type.value})" if accelerator.num_processes > 1 else "")
 
     trained = lambda: accelerator.unwrap_model(module).model  # noqa: E731
+    # Sharded weights (FSDP, ZeRO-3): every rank runs the whole evaluation in step and the main process writes it;
+    # otherwise the main process evaluates alone.
+    sharded = cfg.fsdp or (engine is not None and engine.zero_optimization_stage() == 3)
+
+    def evaluate_model(baseline: bool) -> None:
+        where = out / ("eval_baseline" if baseline else "eval")
+        if not sharded:
+            if main:
+                evaluate_split(cfg, trained(), tokenizer, data.eval_refs, where, baseline=baseline)
+            return
+        with root_unsharded(module) if cfg.fsdp else nullcontext():  # ZeRO-3's hooks gather each module's weights
+            evaluate_split(cfg, trained(), tokenizer, data.eval_refs, where, baseline=baseline, write=main)
+
     if cfg.do_eval_baseline and checkpoint is None:
-        if main:
-            evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval_baseline", baseline=True)
+        evaluate_model(baseline=True)
         ranks.wait()
 
     def save(s: TrainState) -> Path:
@@ -263,20 +275,22 @@ def run_training(cfg: SFTConfig) -> Path:
     save(state)
     # gathered again: not held in memory all run long
     weights = full_model_state(module) if cfg.fsdp else zero.full_model_state(engine) if engine is not None else None
-    if not main:  # the main process publishes, evaluates and reports
+    if main:  # the main process publishes, evaluates (with the others when the weights are sharded) and reports
+        best = None
+        if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:
+            best = out / f"checkpoint-{state.best_step}"
+            if cfg.do_eval_baseline:  # evaluated below (the config refuses the pair where the weights are sharded)
+                load_weights(best, trained())
+            log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
+                     "adapter" if cfg.finetuning_type == "lora" else "model", state.best_eval_loss, state.best_step,
+                     state.best_step, state.eval_loss)
+        publish_final(out, trained(), tokenizer, cfg, weights, weights_from=best)
+        log.info("saved the final %s to %s", "adapter" if cfg.finetuning_type == "lora" else "model", out)
+    if cfg.do_eval_baseline and (main or sharded):
+        evaluate_model(baseline=False)
+    if not main:
         return out
-    best = None
-    if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:
-        best = out / f"checkpoint-{state.best_step}"
-        if cfg.do_eval_baseline:  # evaluated below (never under FSDP or ZeRO-3, where the main process holds shards)
-            load_weights(best, trained())
-        log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
-                 "adapter" if cfg.finetuning_type == "lora" else "model", state.best_eval_loss, state.best_step,
-                 state.best_step, state.eval_loss)
-    publish_final(out, trained(), tokenizer, cfg, weights, weights_from=best)
-    log.info("saved the final %s to %s", "adapter" if cfg.finetuning_type == "lora" else "model", out)
     if cfg.do_eval_baseline:
-        evaluate_split(cfg, trained(), tokenizer, data.eval_refs, out / "eval", baseline=False)
         if (out / "eval_baseline" / "eval_results.json").is_file():  # a resumed run evaluated its base when it started
             before_after(out)
         else:
@@ -298,8 +312,9 @@ def write_report(out: Path) -> None:
     log.info("report: %s", files[-1])
 
 
-def evaluate_split(cfg: SFTConfig, model, tokenizer, refs: list[str], out_dir: Path, baseline: bool) -> None:
-    """Evaluate ``model`` (the base before training, the result after) on the validation split into ``out_dir``."""
+def evaluate_split(cfg: SFTConfig, model, tokenizer, refs: list[str], out_dir: Path, baseline: bool, write: bool = True) -> None:
+    """Evaluate ``model`` (the base before training, the result after) on the validation split into ``out_dir``
+    (``write=False``: a rank that takes part in a sharded evaluation writes nothing)."""
     from sftlab.evaluate.run import evaluate, samples_from_refs
 
     log.info("evaluating the %s model on the %d validation samples…", "base" if baseline else "trained", len(refs))
@@ -310,6 +325,8 @@ def evaluate_split(cfg: SFTConfig, model, tokenizer, refs: list[str], out_dir: P
         model, tokenizer, samples_from_refs(cfg.dataset, cfg.dataset_dir, refs), cfg, model_name=name, adapter=adapter,
         datasets=[f"{', '.join(cfg.dataset)} (validation split)"], with_generation=cfg.predict_with_generate,
         scorers=cfg.eval_scorers, batch_size=cfg.per_device_eval_batch_size)
+    if not write:
+        return
     results.write(out_dir, predictions or None)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in results.metrics.items() if v is not None and k in _HEADLINE + tuple(cfg.eval_scorers))
     log.info("%s model: %s (%.0f s) → %s", "base" if baseline else "trained", shown, time.perf_counter() - started, out_dir)

@@ -10,7 +10,9 @@ run without FSDP resumes from it, or the other way round.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from sftlab.data.render import IGNORE_INDEX
 from sftlab.train.loss import TokenLoss, _base
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -32,7 +35,23 @@ def shard(module: TokenLoss, precision: str) -> TokenLoss:
     for layer in _base(module.model).get_decoder().layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(module, mp_policy=policy)
+    _base(module.model)._is_fsdp_managed_module = True  # transformers' generate then keeps the ranks in step (synced_gpus)
     return module
+
+
+@contextmanager
+def root_unsharded(module: TokenLoss) -> Iterator[None]:
+    """The root unit's weights (embeddings, final norm, head) gathered, so that the model inside can be called
+    directly (evaluation, generation); each decoder layer gathers its own in its forward. Every rank must run
+    the same forwards."""
+    with torch.no_grad():  # FSDP makes the first module run forward its root: a two-token forward, nothing trained
+        ids = torch.zeros((1, 2), dtype=torch.long, device=next(module.parameters()).device)
+        module(input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX))
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def full_model_state(module: TokenLoss) -> dict[str, torch.Tensor]:

@@ -52,9 +52,9 @@ def check_deepspeed(cfg) -> dict | None:
     if not cfg.deepspeed:
         return None
     ds = read_deepspeed_config(cfg.deepspeed)
-    if zero_stage(ds) == 3 and cfg.do_eval_baseline:
-        raise SftlabError(f"deepspeed: {cfg.deepspeed} is ZeRO-3, and do_eval_baseline is not available with it yet (generation on "
-                          f"sharded weights); run sftlab eval on the base model and on the result")
+    if zero_stage(ds) == 3 and cfg.do_eval_baseline and cfg.load_best_model_at_end:
+        raise SftlabError(f"deepspeed: {cfg.deepspeed} is ZeRO-3, and do_eval_baseline with load_best_model_at_end is not available "
+                          f"yet (the best weights would have to be sharded again to be evaluated); run sftlab eval on the result")
     return ds
 
 
