@@ -67,8 +67,8 @@ def train(
 
     cfg = load_config(config, overrides or [])  # checked once, before any process starts
     check_deepspeed(cfg)
-    # DeepSpeed always runs under a launcher (its engine needs the process group, even for one process)
-    if ((nproc > 1 or nnodes > 1) and not launched()) or (cfg.deepspeed and "LOCAL_RANK" not in os.environ):
+    # DeepSpeed and FSDP always run under a launcher (they need the process group, even for one process)
+    if ((nproc > 1 or nnodes > 1) and not launched()) or ((cfg.deepspeed or cfg.fsdp) and "LOCAL_RANK" not in os.environ):
         command = torchrun_command(str(config), overrides or [], nproc, nnodes, node_rank, master_addr, master_port)
         logging.getLogger("sftlab").info("launching %d process(es) on this node: %s", nproc, " ".join(command[1:]))
         raise typer.Exit(run_launcher(command))

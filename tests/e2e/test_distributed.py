@@ -172,13 +172,14 @@ def test_fsdp_load_best_model_at_end_publishes_the_best_checkpoint(tmp_path, tin
     assert not all(torch.equal(final[k], at_last[k]) for k in final)
 
 
-def test_fsdp_needs_several_processes(tmp_path, tiny_model_dir, alpaca_file):
+def test_fsdp_runs_as_a_launch_and_checks_its_config(tmp_path, tiny_model_dir, alpaca_file):
     from sftlab.config import load_config
     from sftlab.train.run import run_training
 
     cfg = load_config(write_config(tmp_path / "c.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file),
                                    output_dir=str(tmp_path / "out"), fsdp=True, max_steps=1))
-    with pytest.raises(SftlabError, match="fsdp: true shards the model across processes, and this run has one"):
+    # `sftlab train` relaunches itself (one process too); called in-process without a launcher, it says how
+    with pytest.raises(SftlabError, match="fsdp: runs as a torchrun launch, also on one process"):
         run_training(cfg)
     with pytest.raises(SftlabError, match="use bf16"):
         load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, fp16=True)

@@ -126,11 +126,11 @@ def run_training(cfg: SFTConfig) -> Path:
     require_reporter(cfg.report_to)
     checkpoint = find_checkpoint(cfg)
     ds = zero.check_deepspeed(cfg)
+    if (ds is not None or cfg.fsdp) and "LOCAL_RANK" not in os.environ:
+        raise SftlabError(f"{'deepspeed' if ds is not None else 'fsdp'}: runs as a torchrun launch, also on one process; start it with "
+                          f"sftlab train CONFIG [--nproc N] (which launches itself), torchrun or accelerate launch")
     plugin = None
     if ds is not None:
-        if "LOCAL_RANK" not in os.environ:
-            raise SftlabError("deepspeed: runs as a torchrun launch; start it with sftlab train CONFIG [--nproc N] (which launches "
-                              "itself), torchrun or accelerate launch")
         plugin = DeepSpeedPlugin(hf_ds_config=zero.fill_deepspeed_config(
             ds, cfg.deepspeed, micro_batch=cfg.per_device_train_batch_size, accumulation=cfg.gradient_accumulation_steps,
             world_size=int(os.environ.get("WORLD_SIZE", "1")), max_grad_norm=cfg.max_grad_norm, precision=precision))
@@ -141,7 +141,7 @@ def run_training(cfg: SFTConfig) -> Path:
     cpu = not torch.cuda.is_available()
     if cpu:  # DeepSpeed, when installed, is imported by accelerate in any run and would warn that it found no GPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu and launched() and plugin is None, deepspeed_plugin=plugin,
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu and (launched() or cfg.fsdp) and plugin is None, deepspeed_plugin=plugin,
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and plugin is not None else None)
     main = accelerator.is_main_process
     ranks = WaitGroup(accelerator.num_processes)
@@ -165,9 +165,6 @@ def run_training(cfg: SFTConfig) -> Path:
     if not cfg.do_train:  # data checked and reported; nothing to train
         return out
 
-    if cfg.fsdp and accelerator.num_processes < 2:
-        raise SftlabError("fsdp: true shards the model across processes, and this run has one; "
-                          "launch several (sftlab train CONFIG --nproc N) or set fsdp: false")
     model = load_model(cfg, model_dir, accelerator.device)
     # into the whole model, before it is wrapped or sharded (DeepSpeed's engine and FSDP's sharded state load with the optimizer)
     if checkpoint is not None and plugin is None and holds_weights(checkpoint):
