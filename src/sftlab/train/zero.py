@@ -15,6 +15,7 @@ optimizer state in ``deepspeed/``, which resumes on the same number of processes
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def check_deepspeed(cfg) -> dict | None:
     if not cfg.deepspeed:
         return None
     ds = read_deepspeed_config(cfg.deepspeed)
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SftlabError(f"deepspeed: {cfg.deepspeed} is set, and DeepSpeed is not installed: pip install 'sftlab[deepspeed]'")
     if zero_stage(ds) == 3 and cfg.do_eval_baseline and cfg.load_best_model_at_end:
         raise SftlabError(f"deepspeed: {cfg.deepspeed} is ZeRO-3, and do_eval_baseline with load_best_model_at_end is not available "
                           f"yet (the best weights would have to be sharded again to be evaluated); run sftlab eval on the result")
@@ -60,12 +63,6 @@ def check_deepspeed(cfg) -> dict | None:
 
 def zero_stage(ds: dict) -> int:
     return ds.get("zero_optimization", {}).get("stage", 0)
-
-
-def offloads(ds: dict) -> bool:
-    """Whether the config moves optimizer states or parameters to the CPU/NVMe."""
-    z = ds.get("zero_optimization", {})
-    return any(z.get(k, {}).get("device", "none") not in ("none", None) for k in ("offload_optimizer", "offload_param"))
 
 
 def fill_deepspeed_config(ds: dict, path: str, *, micro_batch: int, accumulation: int, world_size: int, max_grad_norm: float,
