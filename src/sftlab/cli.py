@@ -62,7 +62,6 @@ def train(
     from sftlab.config import load_config
     from sftlab.train.launch import launched, run_launcher, torchrun_command
     from sftlab.train.run import run_training
-
     from sftlab.train.zero import check_deepspeed
 
     cfg = load_config(config, overrides or [])  # checked once, before any process starts

@@ -4,7 +4,8 @@ Each decoder layer is one unit (its weights are gathered for its forward and bac
 rest (embeddings, final norm, head) is the root unit around ``TokenLoss``. Checkpoints hold the
 full model or adapter, gathered to the main process, so they load anywhere; the optimizer state is
 saved by parameter name (``torch.distributed.checkpoint``'s full state dict) and converted when a
-run without FSDP resumes from it, or the other way round.
+run without FSDP resumes from it, or the other way round. With ``fsdp_state_dict_type: sharded`` each
+rank writes its own shards instead (nothing gathered), which load resharded on any number of processes.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def full_model_state(module: TokenLoss) -> dict[str, torch.Tensor]:
     ``module.model`` names them, a tied weight once (as save_pretrained writes it). Every rank must call it."""
     aliases = {n for n, _ in module.model.named_parameters(remove_duplicate=False)} - {n for n, _ in module.model.named_parameters()}
     # an adapter is saved alone: the frozen base is never gathered
-    options = dataclasses.replace(_FULL, ignore_frozen_params=hasattr(module.model, "peft_config"))
+    options = dataclasses.replace(_FULL, ignore_frozen_params=_is_adapter(module))
     state = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=options).items()}
     return {k: v for k, v in state.items() if k not in aliases}
 
