@@ -170,5 +170,5 @@ def load_engine_state(engine, checkpoint: Path) -> None:
     ranks = len(list((saved / _TAG).glob("*optim_states.pt")))
     if ranks != engine.world_size:
         raise SftlabError(f"{checkpoint} holds DeepSpeed optimizer state sharded over {ranks} process(es) and this run has "
-                          f"{engine.world_size}; resume on {ranks} (or convert it with DeepSpeed's ds_to_universal)")
+                          f"{engine.world_size}; resume it on {ranks}")
     engine.load_checkpoint(str(saved), tag=_TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
