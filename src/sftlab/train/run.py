@@ -223,12 +223,17 @@ def run_training(cfg: SFTConfig) -> Path:
         evaluate_model(baseline=True)
         ranks.wait()
 
-    def save(s: TrainState) -> Path:
+    def gathered_weights() -> dict | None:
+        """The weights to save, whole on the main process (None: the model's own are). Every rank must call it."""
+        return full_model_state(module) if cfg.fsdp else zero.full_model_state(engine) if engine is not None else None
+
+    def save(s: TrainState, weights: dict | None = None) -> Path:
+        """Checkpoint ``s``; ``weights``: already gathered (on every rank, by ``gathered_weights``), else gathered here."""
         path = out / f"checkpoint-{s.step}"
         # DDP: every rank holds the same weights and optimizer state; FSDP: the shards are gathered to the main process;
         # DeepSpeed: the weights are gathered (ZeRO-3) and each rank writes its part of the optimizer state;
         # fsdp_state_dict_type sharded: each rank writes its shards, nothing is gathered
-        weights, moments, per_rank = None, None, None
+        moments, per_rank = None, None
         if engine is not None or cfg.fsdp_state_dict_type == "sharded":
             per_rank = (out / f".checkpoint-{s.step}.per-rank", ENGINE_DIR if engine is not None else SHARDED_DIR)
             if main:
@@ -236,12 +241,12 @@ def run_training(cfg: SFTConfig) -> Path:
             accelerator.wait_for_everyone()
             if engine is not None:
                 zero.save_engine_state(engine, per_rank[0])
-                weights = zero.full_model_state(engine)
+                weights = gathered_weights() if weights is None else weights
             else:
                 save_sharded(module, optimizer, per_rank[0])
             accelerator.wait_for_everyone()
         elif cfg.fsdp:
-            weights, moments = full_model_state(module), full_optimizer_state(module, optimizer)
+            weights, moments = gathered_weights() if weights is None else weights, full_optimizer_state(module, optimizer)
         if main:
             save_checkpoint(out, trained(), tokenizer, cfg, optimizer, scheduler, s, weights, moments, per_rank)
         accelerator.wait_for_everyone()
@@ -269,9 +274,8 @@ def run_training(cfg: SFTConfig) -> Path:
             metrics.close()
     if stop[0]:
         raise Interrupted(f"stopped at step {state.step}; checkpoint saved in {out / f'checkpoint-{state.step}'} (resume with resume_from_checkpoint: true)")
-    save(state)
-    # gathered again: not held in memory all run long
-    weights = full_model_state(module) if cfg.fsdp else zero.full_model_state(engine) if engine is not None else None
+    weights = gathered_weights()  # once, for the last checkpoint and the final model
+    save(state, weights)
     if main:  # the main process publishes, evaluates (with the others when the weights are sharded) and reports
         best = None
         if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:

@@ -58,10 +58,15 @@ def root_unsharded(module: TokenLoss) -> Iterator[None]:
 def full_model_state(module: TokenLoss) -> dict[str, torch.Tensor]:
     """The whole model's state dict (an adapter's: its own weights) on the main process ({} elsewhere), keys as
     ``module.model`` names them, a tied weight once (as save_pretrained writes it). Every rank must call it."""
-    aliases = {n for n, _ in module.model.named_parameters(remove_duplicate=False)} - {n for n, _ in module.model.named_parameters()}
     # an adapter is saved alone: the frozen base is never gathered
-    options = dataclasses.replace(_FULL, ignore_frozen_params=_is_adapter(module))
-    state = {k.removeprefix("model."): v for k, v in get_model_state_dict(module, options=options).items()}
+    options = dataclasses.replace(_FULL, ignore_frozen_params=is_adapter(module))
+    return as_saved(module, get_model_state_dict(module, options=options))
+
+
+def as_saved(module: TokenLoss, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``module``'s state dict keyed as ``module.model`` names it, a tied weight once (as save_pretrained writes it)."""
+    aliases = {n for n, _ in module.model.named_parameters(remove_duplicate=False)} - {n for n, _ in module.model.named_parameters()}
+    state = {k.removeprefix("model."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if k not in aliases}
 
 
@@ -84,7 +89,7 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 def save_sharded(module: TokenLoss, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Each rank writes its shards of the weights (an adapter's only) and of the optimizer state into ``directory``
     (``torch.distributed.checkpoint``): nothing is gathered. Every rank must call it."""
-    options = StateDictOptions(ignore_frozen_params=_is_adapter(module))
+    options = StateDictOptions(ignore_frozen_params=is_adapter(module))
     weights, moments = get_state_dict(module, _inner(optimizer), options=options)
     dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=str(directory))
 
@@ -92,13 +97,14 @@ def save_sharded(module: TokenLoss, optimizer: torch.optim.Optimizer, directory:
 def load_sharded(module: TokenLoss, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Load a ``save_sharded`` checkpoint into ``module`` and ``optimizer``, sharded over any number of processes
     (torch.distributed.checkpoint reshards) or not sharded at all."""
-    options = StateDictOptions(ignore_frozen_params=_is_adapter(module), strict=False)
+    options = StateDictOptions(ignore_frozen_params=is_adapter(module), strict=False)
     weights, moments = get_state_dict(module, _inner(optimizer), options=options)
     dcp.load({"model": weights, "optimizer": moments}, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
     set_state_dict(module, _inner(optimizer), model_state_dict=weights, optim_state_dict=moments, options=options)
 
 
-def _is_adapter(module: TokenLoss) -> bool:
+def is_adapter(module: TokenLoss) -> bool:
+    """Whether ``module`` trains a PEFT adapter (saved alone, without the frozen base)."""
     return hasattr(module.model, "peft_config")
 
 

@@ -23,6 +23,7 @@ import torch
 
 from sftlab.errors import SftlabError
 from sftlab.train.checkpoint import ENGINE_DIR
+from sftlab.train.sharding import as_saved, is_adapter
 
 _TAG = "zero"
 
@@ -137,10 +138,8 @@ def full_model_state(engine) -> dict[str, torch.Tensor] | None:
     stage3 = engine.zero_optimization_stage() == 3
     if not (half or stage3):
         return None
-    model = engine.module.model
-    lora = hasattr(model, "peft_config")
     if stage3:
-        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora) or {}
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=is_adapter(engine.module)) or {}
     else:
         state = dict(engine.module.state_dict())  # references; an adapter's own keys are picked when saving
     if half:
@@ -148,17 +147,12 @@ def full_model_state(engine) -> dict[str, torch.Tensor] | None:
             if p.requires_grad:
                 master = safe_get_full_fp32_param(p)  # gathered on every rank under ZeRO-3
                 state[name] = master.cpu() if engine.global_rank == 0 else None
-    if engine.global_rank != 0:
-        return {}
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if k not in aliases}
+    return as_saved(engine.module, state) if engine.global_rank == 0 else {}
 
 
 def save_engine_state(engine, directory: Path) -> None:
     """DeepSpeed's optimizer (and engine) state, sharded per rank, into ``directory``. Every rank must call it."""
-    engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False,
-                           exclude_frozen_parameters=hasattr(engine.module.model, "peft_config"))
+    engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False, exclude_frozen_parameters=is_adapter(engine.module))
 
 
 def load_engine_state(engine, checkpoint: Path) -> None:
