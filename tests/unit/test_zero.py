@@ -75,3 +75,14 @@ def test_config_checks_deepspeed_against_the_rest():
     assert zero_stage(check_deepspeed(best)) == 3  # the best checkpoint holds gathered weights: its files become the result
     z2 = load_config(None, [], model_name_or_path="m", dataset="d", deepspeed=str(EXAMPLES / "ds_z2_config.json"), val_size=0.1, do_eval_baseline=True)
     assert zero_stage(check_deepspeed(z2)) == 2  # ZeRO-2 keeps whole weights on every rank: the baseline runs
+
+
+def test_deepspeed_without_the_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    cfg = load_config(None, [], model_name_or_path="m", dataset="d", deepspeed=str(EXAMPLES / "ds_z2_config.json"))
+    with pytest.raises(SftlabError, match=r"DeepSpeed is not installed: pip install 'sftlab\[deepspeed\]'"):
+        check_deepspeed(cfg)
+

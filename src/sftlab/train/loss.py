@@ -136,7 +136,7 @@ class TokenLoss(torch.nn.Module):
         if self.selective:
             base = _base(self.model)
             hidden = base.get_decoder()(**inputs).last_hidden_state
-            loss_sum, stats = linear_cross_entropy(hidden[:, :-1][mask], base.get_output_embeddings().weight, targets[mask])
+            loss_sum, stats = linear_cross_entropy(hidden[:, :-1][mask], self.head_weight(), targets[mask])
         else:
             logits = self.model(**inputs).logits[:, :-1][mask].float()
             loss_sum = F.cross_entropy(logits, targets[mask], reduction="sum")
