@@ -38,13 +38,12 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]", force=True,  # stdout is for results
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=False)])
     logging.getLogger("sftlab").setLevel(logging.INFO)
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; sftlab logs what it loads
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    # The libraries read these when imported (here and in the ranks of a launch), so a command that fails on
+    # its input does not wait seconds for torch/transformers to import first; a value the user set wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars; sftlab logs what it loads
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's to act on
 
 
@@ -60,11 +59,12 @@ def train(
 ) -> None:
     """Fine-tune a model as the config says; writes checkpoints, metrics and the result to output_dir."""
     from sftlab.config import load_config
+
+    cfg = load_config(config, overrides or [])  # checked once, before any process starts (and before torch is imported)
     from sftlab.train.launch import launched, run_launcher, torchrun_command
     from sftlab.train.run import run_training
     from sftlab.train.zero import check_deepspeed
 
-    cfg = load_config(config, overrides or [])  # checked once, before any process starts
     check_deepspeed(cfg)
     # DeepSpeed and FSDP always run under a launcher (they need the process group, even for one process)
     if ((nproc > 1 or nnodes > 1) and not launched()) or ((cfg.deepspeed or cfg.fsdp) and "LOCAL_RANK" not in os.environ):

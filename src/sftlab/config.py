@@ -83,7 +83,7 @@ class SFTConfig(BaseModel):
 
     # --- evaluation, generation and export (sftlab eval / chat / predict / export)
     adapter_name_or_path: str | None = Field(None, description="A LoRA adapter directory to load on top of the model for eval, chat, predict and export (default: the run's output_dir when it holds an adapter).")
-    do_eval_baseline: bool = Field(False, description="Evaluate the base model on the validation split before training and the trained one after, and print the comparison.")
+    do_eval_baseline: bool = Field(False, description="Evaluate the base model on the validation split before training and the trained one after (the best one with load_best_model_at_end), and print the comparison.")
     predict_with_generate: bool = Field(False, description="Evaluation also generates answers and scores them (BLEU-4, chrF, ROUGE, exact match, eval_scorers).")
     eval_scorers: list[str] = Field(default_factory=list, description="Extra per-sample scorers for generated answers: json_valid, json_fields, regex:PATTERN, or module:function.")
     max_new_tokens: int = Field(512, ge=1, description="Longest generated answer in tokens (eval, chat, predict).")
@@ -147,9 +147,6 @@ class SFTConfig(BaseModel):
             raise ValueError("do_eval_baseline: true needs a validation split to evaluate on; set val_size (e.g. 0.1)")
         if self.fsdp and self.fp16:
             raise ValueError("fsdp with fp16 is not supported (it needs a sharded loss scaler); use bf16: true")
-        if self.fsdp and self.do_eval_baseline and self.load_best_model_at_end:
-            raise ValueError("fsdp: do_eval_baseline with load_best_model_at_end is not available yet (the best weights "
-                             "would have to be sharded again to be evaluated); run sftlab eval on the result")
         if self.fsdp_state_dict_type == "sharded" and self.load_best_model_at_end:
             raise ValueError("load_best_model_at_end needs checkpoints that hold the weights; with fsdp_state_dict_type: sharded "
                              "they do not: use full, or pick a checkpoint by its eval_loss")

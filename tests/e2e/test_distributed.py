@@ -5,14 +5,21 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import write_config
+from sftlab.config import load_config
 from sftlab.errors import SftlabError
 from sftlab.train.launch import launched, torchrun_command
+from sftlab.train.run import run_training
+
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "deepspeed")
+_BASELINES: dict = {}  # one plain process's run per settings, shared by the tests that compare with it
 
 
 def _run(tmp_path, name, model_dir, data, nproc, accumulation, **over):
@@ -21,6 +28,13 @@ def _run(tmp_path, name, model_dir, data, nproc, accumulation, **over):
                   eval_steps=2, save_steps=2, learning_rate=1e-3, lora_rank=4, cutoff_len=128, plot_loss=False)
     values.update(over)
     cfg = write_config(tmp_path / f"{name}.yaml", **values)
+    if nproc == 1 and not values.get("fsdp") and not values.get("deepspeed"):  # a plain run: in this process, no launcher
+        key = (Path(data).read_bytes(), accumulation, tuple(sorted((k, str(v)) for k, v in over.items())))
+        if "resume_from_checkpoint" in over:
+            return run_training(load_config(cfg)), None
+        if key not in _BASELINES:
+            _BASELINES[key] = run_training(load_config(cfg))
+        return _BASELINES[key], None
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--nproc", str(nproc), "--master-port", str(29500 + os.getpid() % 1000)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -151,31 +165,38 @@ def test_fsdp_evaluates_before_and_after_like_one_process(tmp_path, tiny_model_d
     assert (two / "compare.md").is_file()  # the before → after table
 
 
-def test_fsdp_load_best_model_at_end_publishes_the_best_checkpoint(tmp_path, tiny_model_dir):
-    """Under FSDP the best checkpoint's gathered weights become the final model (a run forced to overfit:
-    random-word answers, full tuning, a high constant learning rate)."""
+@pytest.mark.parametrize("engine,finetuning_type", [("fsdp", "full"), ("z3", "lora")])
+def test_load_best_model_at_end_with_sharded_weights(tmp_path, tiny_model_dir, engine, finetuning_type):
+    """Under FSDP and ZeRO-3 the best checkpoint's gathered weights become the final model, and the evaluation
+    after training (do_eval_baseline) is of them, put back into every rank's shards (a run forced to overfit:
+    random-word answers, a high constant learning rate)."""
     import random
 
+    if engine == "z3":
+        pytest.importorskip("deepspeed")
     rng = random.Random(0)
     words = "apple river stone cloud green seven table music horse paper light ocean winter silver garden candle".split()
     rows = [{"instruction": f"Code word {i}?", "input": "", "output": " ".join(rng.choice(words) for _ in range(4))} for i in range(16)]
     (tmp_path / "codes.json").write_text(json.dumps(rows))
-    out, _ = _run(tmp_path, "best", tiny_model_dir, tmp_path / "codes.json", nproc=2, accumulation=1, fsdp=True, finetuning_type="full",
-                  max_samples=None, val_size=6, per_device_train_batch_size=5, learning_rate=0.01, lr_scheduler_type="constant",
-                  max_steps=30, logging_steps=5, eval_steps=5, save_steps=1000, save_total_limit=1, cutoff_len=64,
-                  load_best_model_at_end=True)
-    last = _records(out)[-1]
+    sharding = dict(fsdp=True) if engine == "fsdp" else dict(deepspeed=os.path.abspath(os.path.join(EXAMPLES, "ds_z3_config.json")))
+    out, _ = _run(tmp_path, "best", tiny_model_dir, tmp_path / "codes.json", nproc=2, accumulation=1, finetuning_type=finetuning_type,
+                  max_samples=None, val_size=6, per_device_train_batch_size=5, learning_rate=0.01 if finetuning_type == "full" else 0.05,
+                  lr_scheduler_type="constant", max_steps=30, logging_steps=5, eval_steps=5, save_steps=1000, save_total_limit=1,
+                  cutoff_len=64, load_best_model_at_end=True, do_eval_baseline=True, **sharding)
+    records = _records(out)
+    last = records[-1]
     assert last["best_step"] < last["step"], "no overfitting: the test proves nothing"
-    final, at_best = load_file(out / "model.safetensors"), load_file(out / f"checkpoint-{last['best_step']}" / "model.safetensors")
+    weights = "adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors"
+    final, at_best = load_file(out / weights), load_file(out / f"checkpoint-{last['best_step']}" / weights)
     assert final.keys() == at_best.keys() and all(torch.equal(final[k], at_best[k]) for k in final)
-    at_last = load_file(out / f"checkpoint-{last['step']}" / "model.safetensors")
+    at_last = load_file(out / f"checkpoint-{last['step']}" / weights)
     assert not all(torch.equal(final[k], at_last[k]) for k in final)
+    after = json.loads((out / "eval" / "eval_results.json").read_text())["metrics"]["eval_loss"]
+    assert after == pytest.approx(last["best_eval_loss"], rel=1e-4)  # the best weights were evaluated, not the last ones
+    assert after != pytest.approx(last["eval_loss"], rel=1e-4)
 
 
 def test_fsdp_runs_as_a_launch_and_checks_its_config(tmp_path, tiny_model_dir, alpaca_file):
-    from sftlab.config import load_config
-    from sftlab.train.run import run_training
-
     cfg = load_config(write_config(tmp_path / "c.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file),
                                    output_dir=str(tmp_path / "out"), fsdp=True, max_steps=1))
     # `sftlab train` relaunches itself (one process too); called in-process without a launcher, it says how
@@ -183,17 +204,11 @@ def test_fsdp_runs_as_a_launch_and_checks_its_config(tmp_path, tiny_model_dir, a
         run_training(cfg)
     with pytest.raises(SftlabError, match="use bf16"):
         load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, fp16=True)
-    with pytest.raises(SftlabError, match="do_eval_baseline with load_best_model_at_end is not available"):
-        load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, val_size=0.1, eval_steps=5, do_eval_baseline=True,
-                    load_best_model_at_end=True)
     with pytest.raises(SftlabError, match="load_best_model_at_end needs checkpoints that hold the weights"):
         load_config(None, [], model_name_or_path="m", dataset="d", fsdp=True, fsdp_state_dict_type="sharded", val_size=0.1,
                     eval_steps=5, load_best_model_at_end=True)
     with pytest.raises(SftlabError, match="fsdp_state_dict_type: sharded applies to FSDP runs"):
         load_config(None, [], model_name_or_path="m", dataset="d", fsdp_state_dict_type="sharded")
-
-
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "deepspeed")
 
 
 @pytest.mark.parametrize("stage,finetuning_type", [("z2", "lora"), ("z3", "full")])
@@ -222,12 +237,12 @@ def test_deepspeed_zero_trains_like_one_process(tmp_path, tiny_model_dir, alpaca
     shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
     out, _ = _run(tmp_path, "resumed", tiny_model_dir, alpaca_file, nproc=2, accumulation=1, deepspeed=ds, resume_from_checkpoint=True, **over)
     _same_steps(b[2:], _records(out))
-    if stage == "z2":  # DeepSpeed's optimizer state is sharded per process: elsewhere, a one-line error instead of a wrong resume
-        for nproc, engine, says in ((1, ds, "sharded over 2 process(es) and this run has 1"),
-                                    (1, None, "holds DeepSpeed's optimizer state, sharded per process")):
-            cfg = write_config(tmp_path / "again.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file), max_samples=7,
-                               val_size=2, output_dir=str(tmp_path / "again"), deepspeed=engine, lora_rank=4, cutoff_len=128,
-                               gradient_accumulation_steps=2, resume_from_checkpoint=str(two / "checkpoint-2"))
-            failed = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--master-port", str(29501 + os.getpid() % 1000)],
-                                    capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-            assert failed.returncode != 0 and says in " ".join(failed.stderr.split()), failed.stderr[-2000:]
+    if stage == "z2":  # DeepSpeed's optimizer state is sharded per process: elsewhere, a one-line error before any model loads
+        values = dict(model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file), max_samples=7, val_size=2, lora_rank=4,
+                      cutoff_len=128, output_dir=str(tmp_path / "again"), resume_from_checkpoint=str(two / "checkpoint-2"))
+        cfg = write_config(tmp_path / "again.yaml", deepspeed=ds, gradient_accumulation_steps=2, **values)
+        failed = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--master-port", str(29501 + os.getpid() % 1000)],
+                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert failed.returncode != 0 and "sharded over 2 process(es) and this run has 1" in " ".join(failed.stderr.split()), failed.stderr[-2000:]
+        with pytest.raises(SftlabError, match="holds DeepSpeed's optimizer state, sharded per process"):
+            run_training(load_config(write_config(tmp_path / "plain.yaml", gradient_accumulation_steps=2, **values)))

@@ -66,12 +66,8 @@ def test_config_checks_deepspeed_against_the_rest():
     z3 = str(EXAMPLES / "ds_z3_config.json")
     with pytest.raises(SftlabError, match="deepspeed and fsdp are both set"):
         load_config(None, [], model_name_or_path="m", dataset="d", deepspeed=z3, fsdp=True)
-    cfg = load_config(None, [], model_name_or_path="m", dataset="d", deepspeed=z3, val_size=0.1, eval_steps=5, do_eval_baseline=True,
-                      load_best_model_at_end=True)
-    with pytest.raises(SftlabError, match="is ZeRO-3, and do_eval_baseline with load_best_model_at_end is not available"):
-        check_deepspeed(cfg)
-    assert check_deepspeed(cfg.model_copy(update={"load_best_model_at_end": False}))  # each alone is fine
-    best = load_config(None, [], model_name_or_path="m", dataset="d", deepspeed=z3, val_size=0.1, eval_steps=5, load_best_model_at_end=True)
+    best = load_config(None, [], model_name_or_path="m", dataset="d", deepspeed=z3, val_size=0.1, eval_steps=5, load_best_model_at_end=True,
+                       do_eval_baseline=True)
     assert zero_stage(check_deepspeed(best)) == 3  # the best checkpoint holds gathered weights: its files become the result
     z2 = load_config(None, [], model_name_or_path="m", dataset="d", deepspeed=str(EXAMPLES / "ds_z2_config.json"), val_size=0.1, do_eval_baseline=True)
     assert zero_stage(check_deepspeed(z2)) == 2  # ZeRO-2 keeps whole weights on every rank: the baseline runs

@@ -130,6 +130,14 @@ def holds_weights(path: Path) -> bool:
     return not (path / SHARDED_DIR).is_dir()
 
 
+def saved_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights (adapter or model) that checkpoint ``path`` holds, keyed as saved."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SftlabError(f"{path}: checkpoint has no weights (*.safetensors)")
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
 def load_weights(path: Path, model) -> None:
     """Load the trained weights (adapter or model) saved in checkpoint ``path`` into ``model``."""
     if (path / "adapter_model.safetensors").is_file():
@@ -137,16 +145,13 @@ def load_weights(path: Path, model) -> None:
 
         set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     else:
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise SftlabError(f"{path}: checkpoint has no weights (*.safetensors)")
-        for f in files:
-            model.load_state_dict(load_file(f), strict=False)
+        model.load_state_dict(saved_weights(path), strict=False)
 
 
 def load_checkpoint(path: Path, module, optimizer, scheduler, sharded: bool = False, engine=None) -> TrainState:
     """Restore optimizer, scheduler and RNG states from ``path`` (the weights: ``load_weights``, before
-    ``module`` is wrapped or sharded); return its TrainState. ``engine``: DeepSpeed's, which loads its own state."""
+    ``module`` is wrapped or sharded); return its TrainState. ``engine``: DeepSpeed's, which loads its own state
+    (``zero.check_resume`` has said the checkpoint fits this run)."""
     from sftlab.train.sharding import load_optimizer_state, load_sharded
     from sftlab.train.zero import load_engine_state
 
@@ -154,9 +159,6 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, sharded: bool = Fa
         load_engine_state(engine, path)
     elif (path / SHARDED_DIR).is_dir():  # weights and optimizer state, resharded to this run
         load_sharded(module, optimizer, path / SHARDED_DIR)
-    elif not (path / "optimizer.pt").is_file() and (path / ENGINE_DIR).is_dir():
-        raise SftlabError(f"{path} holds DeepSpeed's optimizer state, sharded per process; resume it with deepspeed: set and "
-                          f"as many processes as saved it, or start a new run from its weights")
     else:
         load_optimizer_state(module, optimizer, torch.load(path / "optimizer.pt", weights_only=False), sharded)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))

@@ -30,7 +30,7 @@ from sftlab.train.checkpoint import (ENGINE_DIR, SHARDED_DIR, TrainState, find_c
                                      load_checkpoint, load_weights, save_checkpoint, write_model_dir)
 from sftlab.train.flops import FlopCounter, peak_flops
 from sftlab.train.launch import WaitGroup, launched
-from sftlab.train.sharding import full_model_state, full_optimizer_state, root_unsharded, save_sharded, shard
+from sftlab.train.sharding import full_model_state, full_optimizer_state, load_full_weights, root_unsharded, save_sharded, shard
 from sftlab.train.loop import Schedule, fit
 from sftlab.train.loss import TokenLoss
 from sftlab.train.metrics import MetricsWriter, require_reporter
@@ -126,6 +126,8 @@ def run_training(cfg: SFTConfig) -> Path:
     require_reporter(cfg.report_to)
     checkpoint = find_checkpoint(cfg)
     ds = zero.check_deepspeed(cfg)
+    if checkpoint is not None:  # before the model is loaded: DeepSpeed's optimizer state fits one process count
+        zero.check_resume(checkpoint, ds is not None, int(os.environ.get("WORLD_SIZE", "1")))
     if (ds is not None or cfg.fsdp) and "LOCAL_RANK" not in os.environ:
         raise SftlabError(f"{'deepspeed' if ds is not None else 'fsdp'}: runs as a torchrun launch, also on one process; start it with "
                           f"sftlab train CONFIG [--nproc N] (which launches itself), torchrun or accelerate launch")
@@ -276,15 +278,20 @@ def run_training(cfg: SFTConfig) -> Path:
         raise Interrupted(f"stopped at step {state.step}; checkpoint saved in {out / f'checkpoint-{state.step}'} (resume with resume_from_checkpoint: true)")
     weights = gathered_weights()  # once, for the last checkpoint and the final model
     save(state, weights)
-    if main:  # the main process publishes, evaluates (with the others when the weights are sharded) and reports
-        best = None
-        if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:
-            best = out / f"checkpoint-{state.best_step}"
-            if cfg.do_eval_baseline:  # evaluated below (the config refuses the pair where the weights are sharded)
+    best = None  # load_best_model_at_end: every rank knows the best step (the eval loss is all-reduced)
+    if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:
+        best = out / f"checkpoint-{state.best_step}"
+        if cfg.do_eval_baseline:  # the evaluation below is of the best weights: into the model (sharded: every rank's shards)
+            if cfg.fsdp:
+                load_full_weights(module, best)
+            elif sharded:
+                zero.load_full_weights(engine, best)
+            elif main:
                 load_weights(best, trained())
-            log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
-                     "adapter" if cfg.finetuning_type == "lora" else "model", state.best_eval_loss, state.best_step,
-                     state.best_step, state.eval_loss)
+        log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
+                 "adapter" if cfg.finetuning_type == "lora" else "model", state.best_eval_loss, state.best_step,
+                 state.best_step, state.eval_loss)
+    if main:  # the main process publishes, evaluates (with the others when the weights are sharded) and reports
         publish_final(out, trained(), tokenizer, cfg, weights, weights_from=best)
         log.info("saved the final %s to %s", "adapter" if cfg.finetuning_type == "lora" else "model", out)
     if cfg.do_eval_baseline and (main or sharded):

@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict, get_state_dict,
-                                                     set_optimizer_state_dict, set_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from sftlab.data.render import IGNORE_INDEX
+from sftlab.errors import SftlabError
+from sftlab.train.checkpoint import saved_weights
 from sftlab.train.loss import TokenLoss, _base
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -68,6 +70,26 @@ def as_saved(module: TokenLoss, state: dict[str, torch.Tensor]) -> dict[str, tor
     aliases = {n for n, _ in module.model.named_parameters(remove_duplicate=False)} - {n for n, _ in module.model.named_parameters()}
     state = {k.removeprefix("model."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if k not in aliases}
+
+
+def saved_keys(module: TokenLoss, names) -> dict[str, str]:
+    """The key each of ``names`` (``module``'s parameter names) is saved under in a checkpoint's safetensors → that
+    name: the 'model.' prefix off, a tied alias dropped, and for an adapter its name taken out as PEFT saves it."""
+    keys = as_saved(module, {name: name for name in names})
+    if is_adapter(module):
+        adapter = module.model.active_adapter
+        keys = {k.replace(f".{adapter}", ""): name for k, name in keys.items()}
+    return keys
+
+
+def load_full_weights(module: TokenLoss, checkpoint: Path) -> None:
+    """Put the weights saved in ``checkpoint`` (whole, as ``full_model_state`` gathered them) into the sharded
+    ``module``: each rank reads the files and keeps its shards. Every rank must call it."""
+    saved = saved_weights(checkpoint)
+    names = saved_keys(module, get_model_state_dict(module, options=StateDictOptions(ignore_frozen_params=is_adapter(module))))
+    if not saved.keys() <= names.keys():
+        raise SftlabError(f"{checkpoint}: its weights do not belong to this model (e.g. {sorted(saved.keys() - names.keys())[0]})")
+    set_model_state_dict(module, {names[k]: v for k, v in saved.items()}, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

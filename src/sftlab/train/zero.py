@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from sftlab.errors import SftlabError
-from sftlab.train.checkpoint import ENGINE_DIR
-from sftlab.train.sharding import as_saved, is_adapter
+from sftlab.train.checkpoint import ENGINE_DIR, saved_weights
+from sftlab.train.sharding import as_saved, is_adapter, saved_keys
 
 _TAG = "zero"
 
@@ -56,9 +56,6 @@ def check_deepspeed(cfg) -> dict | None:
     ds = read_deepspeed_config(cfg.deepspeed)
     if importlib.util.find_spec("deepspeed") is None:
         raise SftlabError(f"deepspeed: {cfg.deepspeed} is set, and DeepSpeed is not installed: pip install 'sftlab[deepspeed]'")
-    if zero_stage(ds) == 3 and cfg.do_eval_baseline and cfg.load_best_model_at_end:
-        raise SftlabError(f"deepspeed: {cfg.deepspeed} is ZeRO-3, and do_eval_baseline with load_best_model_at_end is not available "
-                          f"yet (the best weights would have to be sharded again to be evaluated); run sftlab eval on the result")
     return ds
 
 
@@ -150,19 +147,44 @@ def full_model_state(engine) -> dict[str, torch.Tensor] | None:
     return as_saved(engine.module, state) if engine.global_rank == 0 else {}
 
 
+def load_full_weights(engine, checkpoint: Path) -> None:
+    """Put the weights saved in ``checkpoint`` (whole) into the ZeRO-3 ``engine``'s partitioned parameters, one
+    parameter at a time (gathered, set on the main process, partitioned again). Every rank must call it."""
+    import deepspeed
+
+    saved = saved_weights(checkpoint) if engine.global_rank == 0 else None
+    named = dict(engine.module.named_parameters())
+    names = saved_keys(engine.module, [n for n, p in named.items() if p.requires_grad or not is_adapter(engine.module)])
+    for key, name in names.items():
+        with deepspeed.zero.GatheredParameters([named[name]], modifier_rank=0):
+            if saved is not None and key in saved:
+                named[name].data.copy_(saved[key])
+
+
 def save_engine_state(engine, directory: Path) -> None:
     """DeepSpeed's optimizer (and engine) state, sharded per rank, into ``directory``. Every rank must call it."""
     engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False, exclude_frozen_parameters=is_adapter(engine.module))
 
 
-def load_engine_state(engine, checkpoint: Path) -> None:
-    """Restore DeepSpeed's optimizer state from ``checkpoint``/deepspeed (saved on as many processes as now)."""
+def check_resume(checkpoint: Path, deepspeed: bool, world_size: int) -> None:
+    """Whether this run (under DeepSpeed or not, on ``world_size`` processes) can resume ``checkpoint`` with its
+    optimizer state; a one-line error before anything is loaded if not. DeepSpeed's state is sharded per process."""
     saved = checkpoint / ENGINE_DIR
+    if not deepspeed:
+        if saved.is_dir() and not (checkpoint / "optimizer.pt").is_file():
+            raise SftlabError(f"{checkpoint} holds DeepSpeed's optimizer state, sharded per process; resume it with deepspeed: set "
+                              f"and as many processes as saved it, or start a new run from its weights")
+        return
     if not saved.is_dir():
         raise SftlabError(f"{checkpoint} was not saved under deepspeed (no {ENGINE_DIR}/ with its optimizer state); "
                           f"resume it without deepspeed:, or start a new run from its weights")
     ranks = len(list((saved / _TAG).glob("*optim_states.pt")))
-    if ranks != engine.world_size:
+    if ranks != world_size:
         raise SftlabError(f"{checkpoint} holds DeepSpeed optimizer state sharded over {ranks} process(es) and this run has "
-                          f"{engine.world_size}; resume it on {ranks}")
-    engine.load_checkpoint(str(saved), tag=_TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
+                          f"{world_size}; resume it on {ranks}")
+
+
+def load_engine_state(engine, checkpoint: Path) -> None:
+    """Restore DeepSpeed's optimizer state from ``checkpoint``/deepspeed (``check_resume`` has passed)."""
+    engine.load_checkpoint(str(checkpoint / ENGINE_DIR), tag=_TAG, load_module_strict=False, load_optimizer_states=True,
+                           load_lr_scheduler_states=False)
