@@ -42,6 +42,15 @@ def test_config_file_missing(tmp_path):
     assert_names(line, str(tmp_path / "nope.yaml"), "not found", "check the path")
 
 
+def test_config_errors_come_before_torch_is_imported(tmp_path):
+    """A bad config is reported at once, without the seconds torch/transformers take to import."""
+    code = ("import sys\nfrom sftlab.cli import main\nsys.argv = ['sftlab', 'train', 'nope.yaml']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stdout + done.stderr
+    assert "config file not found" in done.stderr
+
+
 def test_config_yaml_malformed_names_the_line(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model_name_or_path: m\ndataset: a.json\nlearning_rate: 1e-4\n  cutoff_len: 512\n", encoding="utf-8")
