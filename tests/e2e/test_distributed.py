@@ -240,9 +240,10 @@ def test_deepspeed_zero_trains_like_one_process(tmp_path, tiny_model_dir, alpaca
     if stage == "z2":  # DeepSpeed's optimizer state is sharded per process: elsewhere, a one-line error before any model loads
         values = dict(model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file), max_samples=7, val_size=2, lora_rank=4,
                       cutoff_len=128, output_dir=str(tmp_path / "again"), resume_from_checkpoint=str(two / "checkpoint-2"))
-        cfg = write_config(tmp_path / "again.yaml", deepspeed=ds, gradient_accumulation_steps=2, **values)
-        failed = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--master-port", str(29501 + os.getpid() % 1000)],
+        cfg = write_config(tmp_path / "again.yaml", deepspeed=ds, **values)
+        failed = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--nproc", "3", "--master-port", str(29501 + os.getpid() % 1000)],
                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-        assert failed.returncode != 0 and "sharded over 2 process(es) and this run has 1" in " ".join(failed.stderr.split()), failed.stderr[-2000:]
+        assert failed.returncode != 0 and "sharded over 2 process(es) and this run has 3" in " ".join(failed.stderr.split()), failed.stderr[-2000:]
+        assert failed.stderr.count("error:") == 1 and "launching" not in failed.stderr  # said once, before any rank starts
         with pytest.raises(SftlabError, match="holds DeepSpeed's optimizer state, sharded per process"):
             run_training(load_config(write_config(tmp_path / "plain.yaml", gradient_accumulation_steps=2, **values)))
