@@ -183,8 +183,7 @@ def test_load_best_model_at_end_with_sharded_weights(tmp_path, tiny_model_dir, e
                   max_samples=None, val_size=6, per_device_train_batch_size=5, learning_rate=0.01 if finetuning_type == "full" else 0.05,
                   lr_scheduler_type="constant", max_steps=30, logging_steps=5, eval_steps=5, save_steps=1000, save_total_limit=1,
                   cutoff_len=64, load_best_model_at_end=True, do_eval_baseline=True, **sharding)
-    records = _records(out)
-    last = records[-1]
+    last = _records(out)[-1]
     assert last["best_step"] < last["step"], "no overfitting: the test proves nothing"
     weights = "adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors"
     final, at_best = load_file(out / weights), load_file(out / f"checkpoint-{last['best_step']}" / weights)
