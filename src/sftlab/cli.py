@@ -61,6 +61,7 @@ def train(
     from sftlab.config import load_config
 
     cfg = load_config(config, overrides or [])  # checked once, before any process starts (and before torch is imported)
+    _sources(cfg.dataset, cfg.dataset_dir)  # the data files exist, dataset_info.json names them: said before the slow imports
     from sftlab.train.checkpoint import find_checkpoint
     from sftlab.train.launch import launched, run_launcher, torchrun_command
     from sftlab.train.run import run_training
@@ -89,11 +90,13 @@ def data_preview(
 ) -> None:
     """Show samples exactly as training sees them, trained tokens marked."""
     from sftlab.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _sources(cfg.dataset, cfg.dataset_dir)  # a missing or unnamed data file is said before torch and the tokenizer load
     from sftlab.data.pipeline import preview_rows
     from sftlab.model.assets import resolve_model
     from sftlab.model.load import load_tokenizer
 
-    cfg = load_config(config, overrides or [])
     tokenizer = load_tokenizer(cfg, resolve_model(cfg.model_name_or_path))
     warnings, rows = preview_rows(cfg, tokenizer, n)
     for warning in warnings:
