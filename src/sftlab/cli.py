@@ -65,14 +65,12 @@ def train(
     from sftlab.train.checkpoint import find_checkpoint
     from sftlab.train.launch import launched, run_launcher, torchrun_command
     from sftlab.train.run import run_training
-    from sftlab.train.zero import check_deepspeed, check_resume
+    from sftlab.train.zero import check_deepspeed
 
     check_deepspeed(cfg)
     # DeepSpeed and FSDP always run under a launcher (they need the process group, even for one process)
     if ((nproc > 1 or nnodes > 1) and not launched()) or ((cfg.deepspeed or cfg.fsdp) and "LOCAL_RANK" not in os.environ):
-        checkpoint = find_checkpoint(cfg)  # what every rank would refuse, said once, before any process starts
-        if checkpoint is not None:
-            check_resume(checkpoint, bool(cfg.deepspeed), nproc * nnodes)
+        find_checkpoint(cfg, nproc * nnodes)  # what every rank would refuse, said once, before any process starts
         command = torchrun_command(str(config), overrides or [], nproc, nnodes, node_rank, master_addr, master_port)
         logging.getLogger("sftlab").info("launching %d process(es) on this node: %s", nproc, " ".join(command[1:]))
         raise typer.Exit(run_launcher(command))

@@ -26,6 +26,7 @@ from sftlab.files import fsync_tree, replace_dir
 
 STATE_FILE = "trainer_state.json"
 ENGINE_DIR = "deepspeed"  # DeepSpeed's own optimizer state (sharded per rank), in place of optimizer.pt
+ENGINE_TAG = "zero"  # the tag DeepSpeed files its state under, inside ENGINE_DIR
 SHARDED_DIR = "fsdp"  # fsdp_state_dict_type sharded: weights and optimizer state as each rank wrote them, in place of both
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -109,8 +110,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_checkpoint(cfg: SFTConfig) -> Path | None:
-    """The checkpoint to resume from, per ``resume_from_checkpoint`` (a path, or true for the latest)."""
+def find_checkpoint(cfg: SFTConfig, world_size: int) -> Path | None:
+    """The checkpoint to resume from, per ``resume_from_checkpoint`` (a path, or true for the latest), checked to
+    fit a run of ``cfg`` on ``world_size`` processes (a one-line error before anything is loaded if not)."""
     value = cfg.resume_from_checkpoint
     if value in (None, False, "false", ""):
         return None
@@ -118,11 +120,31 @@ def find_checkpoint(cfg: SFTConfig) -> Path | None:
         found = list_checkpoints(Path(cfg.output_dir))
         if not found:
             raise SftlabError(f"resume_from_checkpoint: true, but {cfg.output_dir} has no checkpoint; remove the key to start fresh")
-        return found[-1]
-    path = Path(value)
-    if not (path / STATE_FILE).is_file():
-        raise SftlabError(f"resume_from_checkpoint: {path} is not a checkpoint directory (no {STATE_FILE})")
+        path = found[-1]
+    else:
+        path = Path(value)
+        if not (path / STATE_FILE).is_file():
+            raise SftlabError(f"resume_from_checkpoint: {path} is not a checkpoint directory (no {STATE_FILE})")
+    _check_optimizer_state(path, bool(cfg.deepspeed), world_size)
     return path
+
+
+def _check_optimizer_state(checkpoint: Path, deepspeed: bool, world_size: int) -> None:
+    """Whether a run (under DeepSpeed or not, on ``world_size`` processes) can resume ``checkpoint``'s optimizer
+    state; SftlabError if not. DeepSpeed's state is sharded per process."""
+    saved = checkpoint / ENGINE_DIR
+    if not deepspeed:
+        if saved.is_dir() and not (checkpoint / "optimizer.pt").is_file():
+            raise SftlabError(f"{checkpoint} holds DeepSpeed's optimizer state, sharded per process; resume it with deepspeed: set "
+                              f"and as many processes as saved it, or start a new run from its weights")
+        return
+    if not saved.is_dir():
+        raise SftlabError(f"{checkpoint} was not saved under deepspeed (no {ENGINE_DIR}/ with its optimizer state); "
+                          f"resume it without deepspeed:, or start a new run from its weights")
+    ranks = len(list((saved / ENGINE_TAG).glob("*optim_states.pt")))
+    if ranks != world_size:
+        raise SftlabError(f"{checkpoint} holds DeepSpeed optimizer state sharded over {ranks} process(es) and this run has "
+                          f"{world_size}; resume it on {ranks}")
 
 
 def holds_weights(path: Path) -> bool:
@@ -151,7 +173,7 @@ def load_weights(path: Path, model) -> None:
 def load_checkpoint(path: Path, module, optimizer, scheduler, sharded: bool = False, engine=None) -> TrainState:
     """Restore optimizer, scheduler and RNG states from ``path`` (the weights: ``load_weights``, before
     ``module`` is wrapped or sharded); return its TrainState. ``engine``: DeepSpeed's, which loads its own state
-    (``zero.check_resume`` has said the checkpoint fits this run)."""
+    (``find_checkpoint`` has said the checkpoint fits this run)."""
     from sftlab.train.sharding import load_optimizer_state, load_sharded
     from sftlab.train.zero import load_engine_state
 

@@ -124,10 +124,8 @@ def run_training(cfg: SFTConfig) -> Path:
     """
     precision = mixed_precision(cfg)
     require_reporter(cfg.report_to)
-    checkpoint = find_checkpoint(cfg)
+    checkpoint = find_checkpoint(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # checked before the model is loaded
     ds = zero.check_deepspeed(cfg)
-    if checkpoint is not None:  # before the model is loaded: DeepSpeed's optimizer state fits one process count
-        zero.check_resume(checkpoint, ds is not None, int(os.environ.get("WORLD_SIZE", "1")))
     if (ds is not None or cfg.fsdp) and "LOCAL_RANK" not in os.environ:
         raise SftlabError(f"{'deepspeed' if ds is not None else 'fsdp'}: runs as a torchrun launch, also on one process; start it with "
                           f"sftlab train CONFIG [--nproc N] (which launches itself), torchrun or accelerate launch")

@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 
 from sftlab.errors import SftlabError
-from sftlab.train.checkpoint import ENGINE_DIR, saved_weights
+from sftlab.train.checkpoint import ENGINE_DIR, ENGINE_TAG, saved_weights
 from sftlab.train.sharding import as_saved, is_adapter, saved_keys
-
-_TAG = "zero"
 
 
 def read_deepspeed_config(path: str | Path) -> dict:
@@ -163,28 +161,10 @@ def load_full_weights(engine, checkpoint: Path) -> None:
 
 def save_engine_state(engine, directory: Path) -> None:
     """DeepSpeed's optimizer (and engine) state, sharded per rank, into ``directory``. Every rank must call it."""
-    engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False, exclude_frozen_parameters=is_adapter(engine.module))
-
-
-def check_resume(checkpoint: Path, deepspeed: bool, world_size: int) -> None:
-    """Whether this run (under DeepSpeed or not, on ``world_size`` processes) can resume ``checkpoint`` with its
-    optimizer state; a one-line error before anything is loaded if not. DeepSpeed's state is sharded per process."""
-    saved = checkpoint / ENGINE_DIR
-    if not deepspeed:
-        if saved.is_dir() and not (checkpoint / "optimizer.pt").is_file():
-            raise SftlabError(f"{checkpoint} holds DeepSpeed's optimizer state, sharded per process; resume it with deepspeed: set "
-                              f"and as many processes as saved it, or start a new run from its weights")
-        return
-    if not saved.is_dir():
-        raise SftlabError(f"{checkpoint} was not saved under deepspeed (no {ENGINE_DIR}/ with its optimizer state); "
-                          f"resume it without deepspeed:, or start a new run from its weights")
-    ranks = len(list((saved / _TAG).glob("*optim_states.pt")))
-    if ranks != world_size:
-        raise SftlabError(f"{checkpoint} holds DeepSpeed optimizer state sharded over {ranks} process(es) and this run has "
-                          f"{world_size}; resume it on {ranks}")
+    engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=is_adapter(engine.module))
 
 
 def load_engine_state(engine, checkpoint: Path) -> None:
-    """Restore DeepSpeed's optimizer state from ``checkpoint``/deepspeed (``check_resume`` has passed)."""
-    engine.load_checkpoint(str(checkpoint / ENGINE_DIR), tag=_TAG, load_module_strict=False, load_optimizer_states=True,
+    """Restore DeepSpeed's optimizer state from ``checkpoint``/deepspeed (``find_checkpoint`` has checked it fits)."""
+    engine.load_checkpoint(str(checkpoint / ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,
                            load_lr_scheduler_states=False)
