@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from sftlab.model.assets import resolve_model, tiny_llama
-    from sftlab.train.run import cpu_supports_bf16
+    from sftlab.model.device import cpu_supports_bf16
 
     work = Path(tempfile.mkdtemp(prefix="est_bench_"))
     tiny = str(tiny_llama(resolve_model(SMOL), work / "tiny-llama"))

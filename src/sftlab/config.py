@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from sftlab.errors import SftlabError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 
 class ConfigError(SftlabError):
     pass
+
+
+Masking = Literal["assistant", "last", "all"]  # which tokens are trained; render.encode_conversation applies it
+_MASKING_ALIASES = {"train_on_prompt": "all", "mask_history": "last"}  # LLaMA-Factory's keys: true means this masking
+_FLAG = TypeAdapter(bool | None)
 
 
 class SFTConfig(BaseModel):
@@ -52,8 +57,9 @@ class SFTConfig(BaseModel):
     preprocessing_num_workers: int | None = Field(None, ge=1, description="Processes for tokenization (default: 1).")
     thinking: Literal["train", "mask", "drop"] = Field("train", description="Reasoning in answers (cot format, reasoning_content, <think> blocks): train it, show it but do not train it, or drop it.")
     enable_thinking: bool | None = Field(None, description="Passed to templates with a thinking switch (Qwen3); false puts an empty think block in the prompt.")
-    train_on_prompt: bool = Field(False, description="Train on every token, prompts included.")
-    mask_history: bool = Field(False, description="Train only the last assistant turn of each conversation.")
+    masking: Masking = Field("assistant", description="Which tokens are trained: assistant = every assistant turn; last = only the last assistant turn of each conversation; all = every token, prompts included.")
+    train_on_prompt: bool | None = Field(None, description="LLaMA-Factory's key: true means masking: all (unset: masking decides; if both are set they must agree).")
+    mask_history: bool | None = Field(None, description="LLaMA-Factory's key: true means masking: last (unset: masking decides; if both are set they must agree).")
 
     # --- optimisation
     per_device_train_batch_size: int = Field(1, ge=1, description="Samples per micro-batch on each device.")
@@ -135,6 +141,28 @@ class SFTConfig(BaseModel):
     def _report_none(cls, v: Any) -> Any:
         return "none" if v in (None, False, "", [], ["none"]) else (v[0] if isinstance(v, list) and len(v) == 1 else v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_masking(cls, data: Any) -> Any:
+        """train_on_prompt / mask_history set masking when it is not set; one that contradicts the other or masking
+        is an error. The aliases keep their values, so the resolved config is consistent and loads again."""
+        if not isinstance(data, dict):
+            return data
+        flags = {key: _flag(data.get(key)) for key in _MASKING_ALIASES}
+        if flags["train_on_prompt"] and flags["mask_history"]:
+            raise ValueError("train_on_prompt and mask_history contradict each other: the first trains every token, the second "
+                             "only the last answer; remove both and set masking: all or masking: last")
+        if "masking" not in data:
+            implied = [_MASKING_ALIASES[key] for key, on in flags.items() if on]
+            return {**data, "masking": implied[0]} if implied else data
+        if data["masking"] not in get_args(Masking):  # the key's own check names the allowed values
+            return data
+        for key, on in flags.items():
+            if on is not None and on != (data["masking"] == _MASKING_ALIASES[key]):
+                raise ValueError(f"{key}: {str(on).lower()} contradicts masking: {data['masking']}; remove {key} "
+                                 "(masking alone says which tokens are trained)")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "SFTConfig":
         if self.bf16 and self.fp16:
@@ -164,6 +192,14 @@ class SFTConfig(BaseModel):
     @property
     def alpha(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+
+def _flag(value: Any) -> bool | None:
+    """A boolean key's value as validation reads it; None when unset, or when it is no boolean (the key's own check says so)."""
+    try:
+        return _FLAG.validate_python(value)
+    except ValidationError:
+        return None
 
 
 def _suggest(key: str) -> str:

@@ -64,6 +64,17 @@ def test_eval_cli_matches_the_training_evaluation(trained_run):
     assert "eval_loss" in run.stdout and "json_valid" in run.stdout
 
 
+def test_eval_cli_with_baseline_compares_before_and_after(trained_run):
+    cfg, out = trained_run
+    run = _cli("eval", str(cfg), "--baseline", "-o", str(out / "again_b"))
+    assert run.returncode == 0, run.stderr
+    base, tuned = EvalResults.read(out / "again_b_baseline"), EvalResults.read(out / "again_b")
+    assert base.adapter is None and tuned.adapter == str(out)
+    assert base.metrics == pytest.approx(EvalResults.read(out / "eval_baseline").metrics, rel=1e-4)  # as training measured it
+    assert run.stdout.index("base: ") < run.stdout.index("tuned: ") < run.stdout.index("comparison: ")
+    assert (out / "again_b_compare.md").is_file() and (out / "again_b_compare.html").is_file()
+
+
 def test_eval_on_a_dataset_file_without_generation(trained_run, tmp_path):
     cfg, out = trained_run
     data = tmp_path / "test.jsonl"

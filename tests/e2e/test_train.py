@@ -193,7 +193,7 @@ def test_pretraining_stage_on_plain_text(tmp_path, tiny_model_dir):
 
 
 def test_bf16_autocast_on_a_cpu_that_has_it(tmp_path, tiny_model_dir, alpaca_file):
-    from sftlab.train.run import cpu_supports_bf16
+    from sftlab.model.device import cpu_supports_bf16
 
     if not cpu_supports_bf16():
         pytest.skip("this CPU has no bf16")

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import write_config
 from sftlab.config import load_config
-from sftlab.report.diagnose import diagnose, read_metrics, RunInfo
+from sftlab.report.diagnose import RunInfo, diagnose
+from sftlab.report.metrics import read_metrics
 from sftlab.train import run as train_run
 from sftlab.train.loop import NonFiniteLoss
 from sftlab.train.run import run_training

@@ -163,8 +163,8 @@ def test_webui_trains_with_live_curves_then_chats(tmp_path, webui, tiny_model_di
 def test_stop_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch, tiny_model_dir, alpaca_file):
     """What the stop and resume buttons do: SIGTERM → checkpoint, exit 130; resume_from_checkpoint=true → the same run ends."""
     from sftlab.config import load_config
-    from sftlab.report.diagnose import read_metrics
-    from sftlab.webui.app import job_state, latest_job, start_job, stop_job
+    from sftlab.report.metrics import read_metrics
+    from sftlab.webui.jobs import job_state, latest_job, start_job, stop_job
 
     monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"

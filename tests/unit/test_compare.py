@@ -195,3 +195,36 @@ def test_compare_of_scored_runs_end_to_end(tmp_path):
     assert c.counts == (0, 0, 6)  # both answer JSON where JSON parses: "5" and "{}" are JSON too
     rouge = compare(*map(EvalResults.read, runs), *map(read_predictions, runs), top=10, key="rouge-l")
     assert sorted(s.index for s in rouge.improved) == [0, 1, 4, 5] and rouge.regressed == []
+
+
+def test_compare_dirs_compares_two_folders_and_writes_md_and_html(tmp_path):
+    from sftlab.evaluate.comparison import compare_dirs
+
+    _results(BASE).write(tmp_path / "eval_baseline", _preds(BASE_ROUGE))
+    _results(TUNED).write(tmp_path / "eval", _preds(TUNED_ROUGE))
+    comparison, files = compare_dirs(tmp_path / "eval_baseline", tmp_path / "eval" / RESULTS_FILE, tmp_path / "compare")
+    assert {p.name for p in files} >= {"compare.md", "compare.html"} and all(p.is_file() for p in files)
+    assert (tmp_path / "compare.md").read_text(encoding="utf-8") == comparison.markdown()
+    assert next(m for m in comparison.metrics if m.name == "eval_loss").verdict == "better"
+    assert comparison.improved  # the samples were compared too
+    with pytest.raises(SftlabError, match="nope"):
+        compare_dirs(tmp_path / "nope", tmp_path / "eval", tmp_path / "compare")
+
+
+def test_evaluate_runs_with_a_baseline_evaluates_both_and_compares(tmp_path, tiny_model_dir, alpaca_file):
+    """--model without an adapter: the baseline is the same model, so before and after agree exactly."""
+    from sftlab.config import load_config
+    from sftlab.evaluate.runs import evaluate_runs
+    from sftlab.model.load import locate_trained
+
+    cfg = load_config(None, [], model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file), predict_with_generate=False)
+    seen = []
+    compared = evaluate_runs(cfg, locate_trained(str(tiny_model_dir)), tmp_path / "eval", from_config=False, validation=False,
+                             baseline=True, max_samples=3, on_run=seen.append)
+    assert [(r.which, r.out_dir.name) for r in seen] == [("base", "eval_baseline"), ("tuned", "eval")]
+    assert seen[0].results.n_samples == 3 and seen[0].results.metrics == seen[1].results.metrics
+    assert EvalResults.read(tmp_path / "eval") == seen[1].results
+    comparison, files = compared
+    assert (tmp_path / "compare.md") in files and [m.verdict for m in comparison.metrics if m.name == "eval_loss"] == ["same"]
+    assert evaluate_runs(cfg, seen[1].trained, tmp_path / "r", from_config=False, validation=False, max_samples=1) is None
+    assert (tmp_path / "r" / RESULTS_FILE).is_file() and not (tmp_path / "r_baseline").exists()

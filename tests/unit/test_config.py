@@ -57,6 +57,49 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(path) == cfg
 
 
+@pytest.mark.parametrize("keys,masking", [
+    ({}, "assistant"), ({"train_on_prompt": True}, "all"), ({"mask_history": True}, "last"),
+    ({"train_on_prompt": False, "mask_history": False}, "assistant"), ({"masking": "last", "mask_history": True}, "last"),
+    ({"masking": "all", "train_on_prompt": True, "mask_history": False}, "all"), ({"masking": "last"}, "last"),
+])
+def test_masking_aliases_resolve_and_the_dump_loads_again(keys, masking, tmp_path):
+    cfg = load_config(None, [], model_name_or_path="m", dataset="d", **keys)
+    assert cfg.masking == masking
+    assert (cfg.train_on_prompt, cfg.mask_history) == (keys.get("train_on_prompt"), keys.get("mask_history"))  # as written
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_train_on_prompt_with_mask_history_is_refused_naming_both(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d\ntrain_on_prompt: true\nmask_history: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    assert "train_on_prompt and mask_history contradict each other" in message
+    assert "masking: all" in message and "masking: last" in message
+
+
+@pytest.mark.parametrize("masking,alias", [("last", "train_on_prompt=true"), ("all", "mask_history=true"),
+                                           ("assistant", "train_on_prompt=true"), ("all", "train_on_prompt=false")])
+def test_an_alias_that_contradicts_masking_is_refused(masking, alias):
+    key, _, value = alias.partition("=")
+    with pytest.raises(ConfigError, match=f"{key}: {value} contradicts masking: {masking}; remove {key}"):
+        load_config(None, [f"masking={masking}", alias], model_name_or_path="m", dataset="d")
+
+
+def test_cli_refuses_contradicting_masking_keys_in_one_error_line(tmp_path):
+    from conftest import write_config
+    from test_bad_input import assert_names, error_line, run_cli
+
+    cfg = write_config(tmp_path / "cfg.yaml", model_name_or_path="m", dataset="a.json", train_on_prompt=True, mask_history=True)
+    result = run_cli("data", "preview", cfg, cwd=tmp_path)
+    assert_names(error_line(result), str(cfg), "train_on_prompt", "mask_history", "masking: all or masking: last")
+    assert result.returncode == 2  # SftlabError.exit_code
+
+
 def test_every_key_has_help_and_docs_are_current():
     assert all(f.description for f in SFTConfig.model_fields.values())
     assert (ROOT / "docs/config.md").read_text(encoding="utf-8") == config_reference(), "run: sftlab config-docs"

@@ -1,6 +1,10 @@
 """Formats → messages, sources, mixing, splits and the report of dropped samples."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoTokenizer
@@ -202,17 +206,17 @@ def test_a_batch_encodes_as_each_row_alone_and_bad_rows_stay_in_place(qwen_token
         chat(("user", "a"), ("assistant", "b")),
         chat(("user", "2+2?"), ("assistant", "<think>\nadd\n</think>\n\n4"), ("user", "3+3?"), ("assistant", "6")),
     ]
-    batch = encode_rows(rows, spec, qwen_tokenizer, **options)
+    batch = encode_rows(rows, spec, qwen_tokenizer, options)
     assert len(batch) == len(rows) and isinstance(batch[1], RowError)
     for row, result in zip(rows, batch):
         try:
-            alone = encode_row(row, spec, qwen_tokenizer, **options)
+            alone = encode_row(row, spec, qwen_tokenizer, options)
         except (RowError, TemplateError) as e:
             assert type(result) is type(e) and str(result) == str(e)
             continue
         assert [(e.input_ids, e.labels, e.status) for e in result] == [(e.input_ids, e.labels, e.status) for e in alone]
     assert batch[2][0].status == "too_long" and batch[0][0].status == "kept" and len(batch[4]) == 2  # a view: history drops <think>
-    assert encode_rows([rows[1]], spec, qwen_tokenizer, **options)[0].args == batch[1].args  # a batch of only bad rows
+    assert encode_rows([rows[1]], spec, qwen_tokenizer, options)[0].args == batch[1].args  # a batch of only bad rows
 
 
 def test_cached_encodings_are_keyed_by_the_encoding_code(tmp_path, tiny_model_dir, alpaca_file, monkeypatch):
@@ -227,5 +231,55 @@ def test_cached_encodings_are_keyed_by_the_encoding_code(tmp_path, tiny_model_di
     options = pipeline.encode_options(cfg, tokenizer)
     first = pipeline.encode_source(cfg, tokenizer, source, options).cache_files
     assert pipeline.encode_source(cfg, tokenizer, source, options).cache_files == first
+    for changed in (dataclasses.replace(options, cutoff_len=options.cutoff_len // 2), dataclasses.replace(options, masking="all")):
+        assert pipeline.encode_source(cfg, tokenizer, source, changed).cache_files != first
     monkeypatch.setattr(pipeline, "encoding_code_version", lambda: "another version")
     assert pipeline.encode_source(cfg, tokenizer, source, options).cache_files != first
+
+
+_BUILD_DATA = """
+import sys
+import datasets
+from transformers import AutoTokenizer
+from sftlab.config import load_config
+from sftlab.data.pipeline import build_data
+
+datasets.logging.set_verbosity_info()
+cfg = load_config(None, [], model_name_or_path=sys.argv[1], dataset=sys.argv[2])
+build_data(cfg, AutoTokenizer.from_pretrained(sys.argv[1]))
+"""
+
+
+def test_a_new_process_reuses_the_cached_encodings(tmp_path, tiny_model_dir, alpaca_file):
+    """The map's fingerprint hashes the EncodeOptions: the same in every process, so a second run of the same config
+    on the same data encodes nothing again."""
+    cache = tmp_path / "hf_datasets"
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+    def build() -> tuple[str, dict]:
+        done = subprocess.run([sys.executable, "-c", _BUILD_DATA, str(tiny_model_dir), str(alpaca_file)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stderr, {p: p.stat().st_mtime_ns for p in cache.rglob("cache-*.arrow")}
+
+    first_log, first = build()
+    second_log, second = build()
+    assert first and second == first  # no cache file written or rewritten
+    assert "Loading cached processed dataset" not in first_log and "Loading cached processed dataset" in second_log
+
+
+class _Letters:
+    """A tokenizer stand-in: token i decodes to the i-th letter."""
+
+    def decode(self, ids):
+        return "".join("abcdefgh"[i] for i in ids)
+
+
+def test_preview_segments_group_tokens_by_whether_they_are_trained():
+    from sftlab.data.pipeline import preview_heading, preview_segments
+
+    row = {"ref": "d.jsonl:1", "status": "kept", "input_ids": [0, 1, 2, 3, 4, 5],
+           "labels": [IGNORE_INDEX, IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]}
+    assert preview_segments(row, _Letters()) == [("ab", False), ("cd", True), ("e", False), ("f", True)]
+    assert preview_heading(row) == "d.jsonl:1 · kept · 6 tokens, 3 trained"
+    assert preview_segments({**row, "input_ids": [], "labels": []}, _Letters()) == []

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from sftlab.data.dedup import MinHasher, dedup, leakage, normalise, shingle_hashes, split
+from sftlab.data.dedup import dedup
+from sftlab.data.near_dup import MinHasher, normalise, shingle_hashes
 from sftlab.data.rows import iter_rows
 from sftlab.data.sources import format_of, load_source, resolve_sources
+from sftlab.data.split import leakage, split
 from sftlab.errors import SftlabError
 
 _WORDS = ("the model learns from examples that show a task and its answer so every sample should be correct consistent "

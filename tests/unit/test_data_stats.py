@@ -237,3 +237,38 @@ def test_cli_needs_data_and_model_or_a_config(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == ("error: give the data and the model (sftlab data stats data.jsonl --model MODEL) "
                                                    "or a training config (sftlab data stats --config train.yaml)")
+
+
+def test_summary_lines_of_a_small_stats():
+    """The lines both front ends show: coverage cutoffs, over-length share, turns, languages, diversity, openings."""
+    from sftlab.data.stats import Stats, summary_lines
+
+    st = Stats(["x.jsonl"], cutoff_len=9, rows=11, prompt=np.arange(1, 11, dtype=np.int32), answer=np.ones(10, np.int32),
+               turns=np.array([1] * 9 + [2], np.int32), language=np.array([1] * 8 + [0] * 2, np.int8), cjk_chars=20, letters=100,
+               ngrams={1: 20, 2: 10}, distinct_ngrams={1: 10, 2: 10}, answer_openings=[("Sure, here is", 3)], answers=6)
+    st.skipped[UNREADABLE] = 1
+    assert summary_lines(st.to_dict(), see="the report") == [  # lengths 2..11
+        "10 samples of 11 rows (skipped unreadable row: 1; see the report)",
+        "smallest cutoff_len keeping 90/95/99/100 % whole: 10 / 11 / 11 / 11",
+        "over cutoff_len 9: 2 (20.00%)",
+        "assistant turns: 1: 90.0%, 2: 10.0%",
+        "language: 20.0% of letters CJK; samples cjk 20.0%, latin 80.0%",
+        "distinct-1/2/3 of answers: 0.5000 / 1.0000 / n/a (exact)",
+        "most repeated answer opening: 'Sure, here is' (50.0%)",
+        "answer vs prompt length: Pearson None, Spearman None",  # answers all one token long: undefined
+    ]
+    assert summary_lines(st.to_dict())[0] == "10 samples of 11 rows (skipped unreadable row: 1)"
+    assert summary_lines(Stats([], 2048).to_dict()) == [
+        "0 samples of 0 rows", "smallest cutoff_len keeping 90/95/99/100 % whole: None / None / None / None", "over cutoff_len 2048: 0 (0.00%)"]
+
+
+def test_stats_for_config_measures_as_the_config_trains(tmp_path, smol_tokenizer, smol_dir):
+    from sftlab.data.stats import stats_for_config
+
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}?", "a " * (i + 1)) for i in range(6)])
+    cfg = load_config(None, [], model_name_or_path=str(smol_dir), dataset=str(path), cutoff_len=12, max_samples=4)
+    st = stats_for_config(cfg, smol_tokenizer)
+    assert st.samples == 4 and st.cutoff_len == 12
+    direct = compute_stats(resolve_sources(cfg.dataset, cfg.dataset_dir), smol_tokenizer, cutoff_len=12,
+                           options=encode_options(cfg, smol_tokenizer), max_samples=4)
+    assert st.length.tolist() == direct.length.tolist()

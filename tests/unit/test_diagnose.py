@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from sftlab.errors import SftlabError
-from sftlab.report.diagnose import Finding, RunInfo, diagnose, read_metrics, smooth
+from sftlab.report.diagnose import Finding, RunInfo, diagnose, smooth
+from sftlab.report.metrics import read_metrics
 
 TOTAL, EVERY, SPE = 1000, 10, 250  # 4 epochs of 250 steps, a log every 10 steps
 STEPS = np.arange(EVERY, TOTAL + 1, EVERY)

@@ -17,7 +17,7 @@ from sftlab.cli import app
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
 from sftlab.plan.estimate import (GB, Target, estimate, load_model_config, max_batch, memory, method, model_shape, parse_size,
-                                  seeds_rule, training_time)
+                                  rule_of_thumb, training_time)
 
 ROOT = Path(__file__).resolve().parents[2]
 H, I, LAYERS, HEADS, KV, D, V = 576, 1536, 30, 9, 3, 64, 49152  # SmolLM2-135M
@@ -160,10 +160,10 @@ def test_time_from_flops(smol_shape):
     assert training_time(smol_shape, full.model_copy(update={"max_steps": 7}), target, None, None).steps == 7
 
 
-def test_seeds_rule_of_thumb(smol_shape):
+def test_rule_of_thumb(smol_shape):
     n = 134_515_008
-    assert seeds_rule(smol_shape, cfg(finetuning_type="full", cutoff_len=2048))[0] == 12 * n + 5 * GB
-    assert seeds_rule(smol_shape, cfg(finetuning_type="lora", cutoff_len=1024, bf16=True))[0] == 2 * n + 2 * GB + 2.5 * GB
+    assert rule_of_thumb(smol_shape, cfg(finetuning_type="full", cutoff_len=2048))[0] == 12 * n + 5 * GB
+    assert rule_of_thumb(smol_shape, cfg(finetuning_type="lora", cutoff_len=1024, bf16=True))[0] == 2 * n + 2 * GB + 2.5 * GB
 
 
 def test_parse_size():
@@ -193,7 +193,7 @@ def test_activations_equal_what_autograd_saves(tmp_path, finetuning_type, dropou
 
     from sftlab.data.batching import collate_flat
     from sftlab.model.load import load_model
-    from sftlab.train.loss import TokenLoss
+    from sftlab.model.loss import TokenLoss
 
     config = llama_config(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                           head_dim=16, vocab_size=512)
@@ -233,7 +233,7 @@ def test_estimate_cli(tmp_path, tiny_model_dir, alpaca_file):
     assert out["time"]["steps"] == 3 * math.ceil(6 / 2)  # 8 rows, 2 held out, batch 2, 3 epochs
     assert set(out["memory_gb"]) >= {"weights", "gradients", "optimizer states", "activations", "runtime"}
     text = runner.invoke(app, ["estimate", str(path), "per_device_train_batch_size=4", "--device", "cpu", "--gpu-memory", "0.5GB"])
-    assert text.exit_code == 1 and "does NOT fit in 0.5 GB" in text.output and "seeds' rule of thumb" in text.output
+    assert text.exit_code == 1 and "does NOT fit in 0.5 GB" in text.output and "common rule of thumb" in text.output
     bad = runner.invoke(app, ["estimate", str(path), "--sharding", "zero9"])
     assert isinstance(bad.exception, SftlabError) and "zero9" in str(bad.exception)
     # without --sharding, the config's own: deepspeed's ZeRO stage

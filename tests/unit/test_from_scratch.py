@@ -19,8 +19,9 @@ from sftlab.data.formats import FormatSpec
 from sftlab.data.pipeline import build_data, encode_options, encode_row
 from sftlab.model.assets import cache_dir
 from sftlab.model.load import load_model, load_tokenizer
+from sftlab.model.loss import TokenLoss
+from sftlab.train.backend import Backend
 from sftlab.train.loop import accumulate_gradients
-from sftlab.train.loss import TokenLoss
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
@@ -53,7 +54,7 @@ def test_every_quickstart_sample_gets_sftlabs_ids_and_labels(scratch, smol_dir):
     rows = _rows("person_json_train.json") + _rows("person_json_test.json")
     for i, row in enumerate(rows):
         ours = scratch.encode(tokenizer, row)
-        (theirs,) = encode_row(row, FormatSpec("alpaca"), tokenizer, **options)
+        (theirs,) = encode_row(row, FormatSpec("alpaca"), tokenizer, options)
         assert ours == (theirs.input_ids, theirs.labels), f"row {i}"
     # the template written out is the model's own template
     user = scratch.alpaca_user_turn(rows[0])
@@ -89,7 +90,7 @@ def test_first_step_batch_loss_and_gradients_equal_sftlabs(scratch, tiny_model_d
     module = TokenLoss(load_model(cfg, tiny_model_dir, torch.device("cpu")))
     for layout in (padded, collate_flat(data.train[:8])):
         module.zero_grad(set_to_none=True)
-        their_sum, their_n = accumulate_gradients(Accelerator(cpu=True), module, [layout])[:2]
+        their_sum, their_n = accumulate_gradients(Backend(Accelerator(cpu=True)), module, [layout])[:2]
         assert their_n == int(n)
         assert abs(their_sum / their_n - loss.item()) < 1e-5
         for name, p in module.model.named_parameters():

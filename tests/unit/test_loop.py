@@ -7,11 +7,13 @@ import torch
 from accelerate import Accelerator
 
 from sftlab.config import load_config
-from sftlab.data.render import IGNORE_INDEX
-from sftlab.model.load import load_model
 from sftlab.data.batching import collate
-from sftlab.train.loop import Schedule, accumulate_gradients
-from sftlab.train.loss import TokenLoss
+from sftlab.data.render import IGNORE_INDEX
+from sftlab.data.schedule import Schedule
+from sftlab.model.load import load_model
+from sftlab.model.loss import TokenLoss
+from sftlab.train.backend import Backend
+from sftlab.train.loop import accumulate_gradients
 
 
 def _samples(n: int, vocab: int) -> dict[str, list[list[int]]]:
@@ -30,7 +32,7 @@ def _samples(n: int, vocab: int) -> dict[str, list[list[int]]]:
 def _grads(module: TokenLoss, rows: dict, batch_size: int) -> dict[str, torch.Tensor]:
     module.zero_grad(set_to_none=True)
     batches = [collate({k: v[i : i + batch_size] for k, v in rows.items()}, pad_id=0) for i in range(0, 8, batch_size)]
-    accumulate_gradients(Accelerator(cpu=True), module, batches)
+    accumulate_gradients(Backend(Accelerator(cpu=True)), module, batches)
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
@@ -58,7 +60,7 @@ def test_loss_is_token_mean_not_mean_of_batch_means(tiny_model_dir):
     module = TokenLoss(load_model(cfg, tiny_model_dir, torch.device("cpu")))
     rows = _samples(8, vocab=module.model.config.vocab_size)
     batches = [collate({k: v[i : i + 1] for k, v in rows.items()}, pad_id=0) for i in range(8)]
-    loss_sum, n_trained = accumulate_gradients(Accelerator(cpu=True), module, batches)[:2]
+    loss_sum, n_trained = accumulate_gradients(Backend(Accelerator(cpu=True)), module, batches)[:2]
     with torch.no_grad():
         whole, n, _ = module(**collate(rows, pad_id=0))
     assert n_trained == int(n) == sum(len(l) - 1 - l[1:].count(IGNORE_INDEX) for l in rows["labels"])
@@ -122,3 +124,37 @@ def test_group_by_length_pads_less_and_keeps_every_sample_once():
     assert padded(grouped, 0) < 1.15 * real < padded(plain, 0)  # ungrouped wastes far more
     assert grouped.micro_batches(3, 0) == Schedule(1000, 8, 1, 1, seed=0, lengths=lengths).micro_batches(3, 0)
     assert padded(grouped, 1) < 1.15 * real and grouped.micro_batches(steps, 0) != grouped.micro_batches(0, 0)
+
+
+def test_a_rank_short_of_micro_batches_borrows_one_counted_apart():
+    # 7 micro-batches, 2 per rank per step on 2 ranks: the second step deals 4, 5, 6 → rank 0 runs two, rank 1 one
+    schedule = Schedule(7, 1, 2, 2, seed=0)
+    assert schedule.steps_per_epoch == 2
+    own0, own1 = schedule.micro_batches(1, 0), schedule.micro_batches(1, 1)
+    assert (len(own0), len(own1)) == (2, 1)
+    assert schedule.rank_batches(1, 0) == (own0, 2)
+    assert schedule.rank_batches(1, 1) == (own1, 1)  # DDP: one backward per rank is enough
+    assert schedule.rank_batches(1, 1, lockstep=True) == (own1 + own1[:1], 1)  # DeepSpeed: as many as rank 0
+    # a rank with none at all borrows rank 0's first, so that it still joins the step
+    lone = Schedule(5, 1, 2, 2, seed=0)  # second step: micro-batch 4 only, on rank 0
+    assert lone.micro_batches(1, 1) == [] and lone.rank_batches(1, 1) == (lone.micro_batches(1, 0)[:1], 0)
+
+
+def test_step_meter_means_speeds_and_mfu_over_the_steps_since_the_last_record():
+    from sftlab.model.flops import FlopCounter
+    from sftlab.report.metrics import StepMeter
+    from sftlab.train.loop import StepSums
+
+    flops = FlopCounter(matmul_params=100, head_params=10, attn_width=4, trained_fraction=0.0, head_trained=False)
+    meter = StepMeter(flops, peak_flops=1e6, world_size=2)
+    meter.add(StepSums(loss=6.0, trained=3, inputs=10, correct=3.0, entropy=1.5), 0.5, [5])
+    meter.skip()
+    meter.add(StepSums(loss=2.0, trained=1, inputs=6, correct=0.0, entropy=0.5), 1.5, [3])
+    record = meter.record(lr=1e-4, grad_norm=0.5, tokens=16, peak_memory_gb=1.0)
+    assert record["loss"] == 2.0 and record["token_accuracy"] == 0.75 and record["entropy"] == 0.5  # token means
+    assert record["tokens_per_s"] == 8.0 and record["trained_tokens_per_s"] == 2.0 and record["skipped_steps"] == 1
+    step_flops = (flops.step_flops([5], 1.5) + flops.step_flops([3], 0.5)) * 2  # this rank's samples × ranks
+    assert record["mfu"] == pytest.approx(step_flops / 2.0 / (1e6 * 2))
+    after = meter.record(lr=1e-4, grad_norm=0.5, tokens=16, peak_memory_gb=1.0)  # a fresh window
+    assert after["tokens_per_s"] == 0.0 and "skipped_steps" not in after
+    assert meter.totals() == {"train_runtime": 2.0, "trained_tokens": 4}

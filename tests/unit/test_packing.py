@@ -7,14 +7,16 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from sftlab.config import load_config
+from sftlab.config import SFTConfig, load_config
 from sftlab.data.batching import best_fit_decreasing, collate, collate_flat
 from sftlab.data.render import IGNORE_INDEX
+from sftlab.data.schedule import Schedule
 from sftlab.model.attention import VARLEN, use_flat_batches
+from sftlab.model.flops import FlopCounter
 from sftlab.model.load import load_model
-from sftlab.train.flops import FlopCounter
-from sftlab.train.loop import Schedule, accumulate_gradients
-from sftlab.train.loss import TokenLoss, linear_cross_entropy
+from sftlab.model.loss import TokenLoss, linear_cross_entropy
+from sftlab.train.backend import Backend
+from sftlab.train.loop import accumulate_gradients
 
 
 def _samples(n: int, vocab: int, seed: int = 1) -> dict[str, list[list[int]]]:
@@ -43,7 +45,7 @@ def _module(tiny_model_dir, finetuning_type: str, **values) -> TokenLoss:
 
 def _loss_and_grads(module: TokenLoss, batches: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
     module.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(Accelerator(cpu=True), module, batches).loss
+    loss = accumulate_gradients(Backend(Accelerator(cpu=True)), module, batches).loss
     return loss, {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
@@ -171,4 +173,5 @@ def test_flop_count_of_a_known_model(tiny_model_dir):
     ],
 )
 def test_batch_layout_default(packing, padding_free, group_by_length, device, flat):
-    assert use_flat_batches(packing, padding_free, group_by_length, torch.device(device)) is flat
+    assert use_flat_batches(SFTConfig(model_name_or_path="m", dataset=["d"], packing=packing, padding_free=padding_free,
+                                      group_by_length=group_by_length), device, flash_attn=False) is flat

@@ -49,13 +49,37 @@ def test_smol_multi_turn_trains_every_answer(smol_tokenizer):
     assert trained(encode(smol_tokenizer, MULTI)) == SMOL_HELLO + SMOL_IM_END + SMOL_4 + SMOL_IM_END
 
 
-def test_smol_mask_history_trains_only_the_last_answer(smol_tokenizer):
-    assert trained(encode(smol_tokenizer, MULTI, mask_history=True)) == SMOL_4 + SMOL_IM_END
+def test_smol_masking_last_trains_only_the_last_answer(smol_tokenizer):
+    assert trained(encode(smol_tokenizer, MULTI, masking="last")) == SMOL_4 + SMOL_IM_END
 
 
-def test_train_on_prompt_trains_everything(smol_tokenizer):
-    e = encode(smol_tokenizer, MULTI, train_on_prompt=True)
+def test_masking_all_trains_everything(smol_tokenizer):
+    e = encode(smol_tokenizer, MULTI, masking="all")
     assert e.labels == e.input_ids
+
+
+SMOL_EVERY_ANSWER = SMOL_HELLO + SMOL_IM_END + SMOL_4 + SMOL_IM_END
+
+
+@pytest.mark.parametrize("keys,expected", [
+    ({}, SMOL_EVERY_ANSWER),
+    ({"masking": "assistant"}, SMOL_EVERY_ANSWER),
+    ({"train_on_prompt": False, "mask_history": False}, SMOL_EVERY_ANSWER),
+    ({"masking": "last"}, SMOL_4 + SMOL_IM_END),
+    ({"mask_history": True}, SMOL_4 + SMOL_IM_END),  # LLaMA-Factory's key for masking: last
+    ({"masking": "all"}, "every token"),
+    ({"train_on_prompt": True}, "every token"),  # LLaMA-Factory's key for masking: all
+], ids=["default", "assistant", "aliases-false", "last", "mask_history", "all", "train_on_prompt"])
+def test_masking_from_the_config_and_its_aliases(keys, expected, smol_tokenizer):
+    """The config's masking (or the alias that sets it) reaches the labels through training's own encode_row."""
+    from sftlab.config import load_config
+    from sftlab.data.formats import detect_format
+    from sftlab.data.pipeline import encode_options, encode_row
+
+    cfg = load_config(None, [], model_name_or_path="m", dataset="x", **keys)
+    row = {"messages": MULTI}
+    (e,) = encode_row(row, detect_format(["messages"], row), smol_tokenizer, encode_options(cfg, smol_tokenizer))
+    assert trained(e) == (e.input_ids if expected == "every token" else expected)
 
 
 def test_system_prompt_is_never_trained(smol_tokenizer):
@@ -88,8 +112,8 @@ def test_templates_that_keep_history_get_no_extra_views(smol_tokenizer):
     assert len(encode_sample(smol_tokenizer, MULTI, eot=end_of_turn_token(smol_tokenizer), cutoff_len=512)) == 1
 
 
-def test_qwen_mask_history(qwen_tokenizer):
-    e = encode(qwen_tokenizer, MULTI, mask_history=True)
+def test_qwen_masking_last(qwen_tokenizer):
+    e = encode(qwen_tokenizer, MULTI, masking="last")
     assert trained(e) == QWEN_EMPTY_THINK + QWEN_4 + QWEN_IM_END and e.rewritten == ()  # no views needed
 
 

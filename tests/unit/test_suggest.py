@@ -58,7 +58,7 @@ def test_small_data_gets_lora_and_seed_rules(small_model):
     v = values(s)
     assert v["finetuning_type"] == "lora" and v["lora_rank"] == 8 and v["lora_alpha"] == 16
     assert v["num_train_epochs"] == 5 and v["val_size"] == pytest.approx(100 / 600, abs=0.01)  # ≥ 100 held out
-    assert v["learning_rate"] == 1e-4  # the seeds' 5e-5, doubled for a < 1B model
+    assert v["learning_rate"] == 1e-4  # the common 5e-5, doubled for a < 1B model
     n_train = 600 - 100
     assert v["per_device_train_batch_size"] * v["gradient_accumulation_steps"] == 16 <= n_train / 8
     assert v["bf16"] is True and v["gradient_checkpointing"] is False and v["packing"] is False
@@ -71,7 +71,7 @@ def test_more_data_means_fewer_epochs_bigger_batches_and_full_tuning(small_model
     assert (few["num_train_epochs"], many["num_train_epochs"]) == (3, 1)
     assert few["per_device_train_batch_size"] * few["gradient_accumulation_steps"] == 32
     assert many["per_device_train_batch_size"] * many["gradient_accumulation_steps"] == 128
-    assert many["learning_rate"] == 2e-5 and many["val_size"] == 2000  # full: the seeds' 1e-5 doubled for a small model
+    assert many["learning_rate"] == 2e-5 and many["val_size"] == 2000  # full: the common 1e-5 doubled for a small model
     assert "lora_rank" not in many
 
 
@@ -118,7 +118,7 @@ def test_written_yaml_loads_as_suggested(small_model, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(s.yaml("s.yaml"), encoding="utf-8")
     text = path.read_text()
-    assert text.startswith("# sftlab train s.yaml\n") and "# seeds: 3-10 epochs" in text
+    assert text.startswith("# sftlab train s.yaml\n") and "# rule of thumb: 3-10 epochs" in text
     assert load_config(path) == s.cfg
     assert yaml.safe_load(text)["cutoff_len"] == s.cfg.cutoff_len
     assert memory(small_model, s.cfg, Target(device="cuda", memory=24 * GB)).total <= 24 * GB

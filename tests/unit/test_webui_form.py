@@ -4,7 +4,8 @@ import pytest
 
 from sftlab.config import SFTConfig, load_config
 from sftlab.errors import SftlabError
-from sftlab.webui.app import FORM_KEYS, LABELS, check_bind, form_field, resolve_config, shown
+from sftlab.webui.app import FORM_KEYS, check_bind, form_field, resolve_config, shown
+from sftlab.webui.labels import LABELS
 
 gr = pytest.importorskip("gradio", reason="pip install gradio")
 

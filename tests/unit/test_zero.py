@@ -7,7 +7,7 @@ import pytest
 
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
-from sftlab.train.zero import check_deepspeed, fill_deepspeed_config, read_deepspeed_config, size_buckets, zero_stage
+from sftlab.train.deepspeed import check_deepspeed, fill_deepspeed_config, read_deepspeed_config, size_buckets, zero_stage
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "deepspeed"
 

@@ -13,7 +13,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import pyarrow.compute as pc
@@ -22,7 +22,7 @@ from datasets.fingerprint import Hasher
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.config import SFTConfig
+from sftlab.config import Masking, SFTConfig
 from sftlab.data.check import row_problems
 from sftlab.data.formats import FormatSpec, RowError, to_messages, to_text, to_tools
 from sftlab.data.render import (
@@ -58,7 +58,7 @@ class DataReport:
         self.examples.setdefault(status, []).append(f"{ref} ({detail})" if detail else ref)
 
     def summary(self) -> str:
-        """One paragraph: samples read, trained, dropped, over cutoff_len, tokens (with the seeds' 5 % advice)."""
+        """One paragraph: samples read, trained, dropped, over cutoff_len, tokens (with the common 5 % advice)."""
         views = self.counts[VIEW]
         total = sum(self.counts.values()) - views
         trained = sum(self.counts[s] for s in TRAINED_STATUSES) - views
@@ -97,59 +97,85 @@ class Data:
     eval: datasets.Dataset | None
     report: DataReport
     eval_refs: list[str] = field(default_factory=list)  # the validation samples' rows ("<dataset> sample <i>"), for generation
+    pad_id: int = 0  # the token padded batches are padded with (the tokenizer's pad token)
 
 
-def encode_row(row: dict[str, Any], spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, **options: Any) -> list[Encoded]:
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Everything encoding needs besides the rows: the config's encoding keys and what probing the template found.
+
+    Made by ``encode_options``; ``dataclasses.replace`` changes one. Plain values only, so that ``datasets``
+    fingerprints it the same in every process (the map cache key).
+    """
+
+    stage: Literal["sft", "pt"]  # sft: chat samples; pt: plain text in cutoff_len blocks
+    eot: str | None  # the template's end-of-turn token, trained after each answer (None: it writes none; pt: unused)
+    cutoff_len: int  # longest sample in tokens
+    masking: Masking  # which tokens are trained: every assistant turn, the last one, or all
+    default_system: str | None  # system prompt for samples that have none
+    thinking: Literal["train", "mask", "drop"]  # reasoning in answers: trained, shown untrained, or dropped
+    native_reasoning: bool  # the template renders reasoning_content itself (else it goes into the content)
+    native_tools: bool  # the template renders tools and tool_calls (else a row with them is refused)
+    enable_thinking: bool | None  # passed to templates with a thinking switch (None: not passed)
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """Variables every render passes to the chat template."""
+        return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+
+
+def encode_row(row: dict[str, Any], spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, options: EncodeOptions) -> list[Encoded]:
     """One dataset row as training encodes it: the sample, then one VIEW per answer the template rewrites
-    (``stage: pt``: one block per ``cutoff_len`` tokens). Keyword arguments are what ``encode_options``
-    returns. Raises RowError for a row that cannot become a sample, TemplateError when the template refuses it."""
-    encoded = encode_rows([row], spec, tokenizer, **options)[0]
+    (``stage: pt``: one block per ``cutoff_len`` tokens). Raises RowError for a row that cannot become a
+    sample, TemplateError when the template refuses it."""
+    encoded = encode_rows([row], spec, tokenizer, options)[0]
     if isinstance(encoded, Exception):
         raise encoded
     return encoded
 
 
 def encode_rows(
-    rows: list[dict[str, Any]], spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, *, stage: str, eot: str | None,
-    cutoff_len: int, train_on_prompt: bool, mask_history: bool, default_system: str | None, thinking: str,
-    native_reasoning: bool, native_tools: bool, template_kwargs: dict,
+    rows: list[dict[str, Any]], spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, options: EncodeOptions,
 ) -> list[list[Encoded] | RowError | TemplateError]:
     """``encode_row`` for each row, with the whole batch tokenized in one call; a row that cannot be encoded gets
     its RowError or TemplateError in its place."""
-    if stage == "pt":
+    if options.stage == "pt":
         out: list[list[Encoded] | RowError | TemplateError] = []
         for row in rows:
             try:
-                out.append([Encoded(ids, list(ids), KEPT) for ids in encode_text(tokenizer, to_text(row, spec), cutoff_len)])
+                blocks = encode_text(tokenizer, to_text(row, spec), options.cutoff_len)
+                out.append([Encoded(ids, list(ids), KEPT) for ids in blocks])
             except RowError as e:
                 out.append(e)
         return out
     prepared: list[tuple[list, dict, str] | RowError | TemplateError] = []
     for row in rows:
         try:
-            messages = apply_thinking(with_default_system(to_messages(row, spec), default_system), thinking, native_reasoning)
+            messages = apply_thinking(with_default_system(to_messages(row, spec), options.default_system), options.thinking,
+                                      options.native_reasoning)
             tools = to_tools(row, spec)
-            if (tools or any("tool_calls" in m for m in messages)) and not native_tools:
+            if (tools or any("tool_calls" in m for m in messages)) and not options.native_tools:
                 raise RowError("the chat template cannot render tools or tool calls, so they would be lost; "
                                "use the model's own template if it has tool support, or a model that has one")
-            kwargs = {**template_kwargs, "tools": tools} if tools else template_kwargs
+            kwargs = {**options.template_kwargs, "tools": tools} if tools else options.template_kwargs
             prepared.append((messages, kwargs, render(tokenizer, messages, **kwargs)))
         except (RowError, TemplateError) as e:  # a template that refuses the conversation fails this row alone
             prepared.append(e)
     rendered = iter(tokenize_rendered(tokenizer, [p[2] for p in prepared if not isinstance(p, Exception)]))
     return [p if isinstance(p, Exception) else
-            encode_sample(tokenizer, p[0], eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history,
-                          mask_thinking=thinking == "mask", template_kwargs=p[1], rendered=next(rendered))
+            encode_sample(tokenizer, p[0], eot=options.eot, cutoff_len=options.cutoff_len, masking=options.masking,
+                          mask_thinking=options.thinking == "mask", template_kwargs=p[1], rendered=next(rendered))
             for p in prepared]
 
 
 def _encode_batch(
-    batch: dict[str, list], indices: list[int], *, spec: FormatSpec, name: str, tokenizer: PreTrainedTokenizerBase, **options: Any,
+    batch: dict[str, list], indices: list[int], *, spec: FormatSpec, name: str, tokenizer: PreTrainedTokenizerBase,
+    options: EncodeOptions,
 ) -> dict[str, list]:
     out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": [], "problems": []}
     keys = list(batch)
     rows = [{k: batch[k][j] for k in keys} for j in range(len(indices))]
-    for row, index, result in zip(rows, indices, encode_rows(rows, spec, tokenizer, **options)):
+    for row, index, result in zip(rows, indices, encode_rows(rows, spec, tokenizer, options)):
         ref = f"{name} sample {index}"
         if isinstance(result, Exception):
             encoded = [([], [], ERROR, str(result) if isinstance(result, RowError) else f"the chat template refuses it: {result}")]
@@ -168,17 +194,16 @@ def _encode_batch(
     return out
 
 
-def encode_options(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def encode_options(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> EncodeOptions:
     """Everything encode_row needs besides the row; the template is probed here, once per run."""
     sft = cfg.stage == "sft"
-    return dict(stage=cfg.stage, eot=end_of_turn_token(tokenizer) if sft else None, cutoff_len=cfg.cutoff_len,
-                train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history, default_system=cfg.default_system,
-                thinking=cfg.thinking, native_reasoning=sft and renders_reasoning_content(tokenizer),
-                native_tools=sft and renders_tools(tokenizer),
-                template_kwargs={} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking})
+    return EncodeOptions(stage=cfg.stage, eot=end_of_turn_token(tokenizer) if sft else None, cutoff_len=cfg.cutoff_len,
+                         masking=cfg.masking, default_system=cfg.default_system, thinking=cfg.thinking,
+                         native_reasoning=sft and renders_reasoning_content(tokenizer),
+                         native_tools=sft and renders_tools(tokenizer), enable_thinking=cfg.enable_thinking)
 
 
-def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: Source, options: dict[str, Any]) -> datasets.Dataset:
+def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: Source, options: EncodeOptions) -> datasets.Dataset:
     """One source → encoded rows with columns input_ids, labels, status, detail, ref."""
     ds = load_source(source)
     spec = format_of(source, ds)
@@ -187,7 +212,7 @@ def encode_source(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, source: So
     workers = min(cfg.preprocessing_num_workers or 1, os.cpu_count() or 1)
     if workers > 1:
         no_tokenizer_threads_in_forks()
-    kwargs = dict(spec=spec, name=source.name, tokenizer=tokenizer, **options)
+    kwargs = dict(spec=spec, name=source.name, tokenizer=tokenizer, options=options)
     return ds.map(
         _encode_batch,
         with_indices=True,
@@ -225,7 +250,7 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
     """
     options = encode_options(cfg, tokenizer)
     if cfg.stage == "sft":
-        for warning in template_warnings(tokenizer, options["eot"]):
+        for warning in template_warnings(tokenizer, options.eot):
             log.warning(warning)
     parts = [encode_source(cfg, tokenizer, s, options) for s in resolve_sources(cfg.dataset, cfg.dataset_dir)]
     encoded = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -251,7 +276,7 @@ def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
     eval_refs = [] if val is None else list(dict.fromkeys(r for r, s in zip(val["ref"], val["status"]) if s != VIEW))
     train, val = (None if d is None else d.select_columns(["input_ids", "labels"]) for d in (train, val))
     report.cutoff_len, report.n_train, report.n_eval = cfg.cutoff_len, len(train), len(val) if val is not None else 0
-    return Data(train, val, report, eval_refs)
+    return Data(train, val, report, eval_refs, tokenizer.pad_token_id)
 
 
 def _count_problems(encoded: datasets.Dataset, report: DataReport) -> None:
@@ -298,7 +323,7 @@ def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> 
     end-of-turn token is not trained).
     """
     options = encode_options(cfg, tokenizer)
-    eot = options["eot"]
+    eot = options.eot
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
     rows: list[dict[str, Any]] = []
     for source in resolve_sources(cfg.dataset, cfg.dataset_dir):
@@ -306,7 +331,7 @@ def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> 
         spec = format_of(source, raw)
         head = raw.select(range(min(n - len(rows), len(raw))))
         out = _encode_batch(head.to_dict(), list(range(len(head))), spec=spec, name=source.name, tokenizer=tokenizer,
-                            **options)
+                            options=options)
         for j, status in enumerate(out["status"]):
             if status == ERROR:
                 raise SftlabError(f"{out['ref'][j]}: {out['detail'][j]}; fix or remove the sample")
@@ -316,6 +341,25 @@ def preview_rows(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, n: int) -> 
         if len(rows) >= n:
             break
     return (template_warnings(tokenizer, eot) if cfg.stage == "sft" else []), rows[:n]
+
+
+def preview_heading(row: dict[str, Any]) -> str:
+    """A preview row's one-line title: its ref, status, length and how many of its tokens are trained."""
+    trained = sum(label != IGNORE_INDEX for label in row["labels"])
+    return f"{row['ref']} · {row['status']} · {len(row['input_ids'])} tokens, {trained} trained"
+
+
+def preview_segments(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """A preview row as (text, trained) runs covering every token in order; each run of tokens that are all trained, or
+    all not, is decoded as one (a character split over several tokens stays whole)."""
+    runs: list[tuple[bool, list[int]]] = []
+    for tok, label in zip(row["input_ids"], row["labels"]):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(tok)
+        else:
+            runs.append((trained, [tok]))
+    return [(tokenizer.decode(ids), trained) for trained, ids in runs]
 
 
 def _sample_warnings(row: dict[str, Any], eot_id: int | None) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from sftlab.config import Masking
 from sftlab.data.formats import Message
 
 IGNORE_INDEX = -100
@@ -240,16 +241,15 @@ def encode_conversation(
     *,
     eot: str | None,
     cutoff_len: int,
-    train_on_prompt: bool = False,
-    mask_history: bool = False,
+    masking: Masking = "assistant",
     mask_thinking: bool = False,
     template_kwargs: dict | None = None,
     rendered: Rendered | None = None,
 ) -> Encoded:
     """Render and tokenize one conversation; labels are -100 except on trained tokens.
 
-    Trained tokens: each assistant turn's answer and its end-of-turn token (only the last turn with
-    ``mask_history``; every token with ``train_on_prompt``). Over ``cutoff_len`` tokens, whole later
+    Trained tokens (``masking``): "assistant", each assistant turn's answer and its end-of-turn token;
+    "last", only the last turn's; "all", every token, prompts included. Over ``cutoff_len`` tokens, whole later
     turns are dropped (the sample ends after the last assistant turn that fits); if not even the first
     answer fits, the sample is TOO_LONG and not trained. ``mask_thinking`` leaves reasoning untrained;
     ``template_kwargs`` go to the template (e.g. ``enable_thinking``). ``rendered``: the conversation already
@@ -267,10 +267,9 @@ def encode_conversation(
         if spans[-1][1] <= cutoff_len:  # only template text after the last answer (a newline) is over
             ids = ids[: spans[-1][1]]
         else:  # drop whole later turns; re-render, so the new last answer appears as generated
-            options = dict(eot=eot, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history,
-                           mask_thinking=mask_thinking, template_kwargs=template_kwargs)
             for k in range(len(assistant_turns) - 2, -1, -1):
-                shorter = encode_conversation(tokenizer, messages[: assistant_turns[k] + 1], **options)
+                shorter = encode_conversation(tokenizer, messages[: assistant_turns[k] + 1], eot=eot, cutoff_len=cutoff_len,
+                                              masking=masking, mask_thinking=mask_thinking, template_kwargs=template_kwargs)
                 if shorter.status == KEPT:
                     dropped = len(assistant_turns) - 1 - k
                     shorter.status, shorter.detail = TURNS_DROPPED, f"{dropped} later assistant turn(s) dropped to fit cutoff_len {cutoff_len}"
@@ -278,11 +277,11 @@ def encode_conversation(
             return Encoded([], [], TOO_LONG, f"{len(ids)} tokens; the first answer does not fit in cutoff_len {cutoff_len}")
 
     rewritten: tuple[int, ...] = ()
-    if train_on_prompt:
+    if masking == "all":
         labels = list(ids)
     else:
         labels = [IGNORE_INDEX] * len(ids)
-        chosen = list(zip(assistant_turns, spans))[-1:] if mask_history else list(zip(assistant_turns, spans))
+        chosen = list(zip(assistant_turns, spans))[-1:] if masking == "last" else list(zip(assistant_turns, spans))
         rewritten = tuple(turn for turn, (_, _, as_generated) in chosen if not as_generated)
         for turn, (s, e, as_generated) in chosen:
             if as_generated:
@@ -292,15 +291,27 @@ def encode_conversation(
     return Encoded(ids, labels, KEPT, "", rewritten)
 
 
-def encode_sample(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], **kw) -> list[Encoded]:
+def encode_sample(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    *,
+    eot: str | None,
+    cutoff_len: int,
+    masking: Masking = "assistant",
+    mask_thinking: bool = False,
+    template_kwargs: dict | None = None,
+    rendered: Rendered | None = None,
+) -> list[Encoded]:
     """A conversation as training samples: the conversation itself, plus one VIEW per answer that the
-    template rewrites in history — ``messages[:i+1]`` with only that answer trained, so every answer
-    is learnt exactly as the model generates it. Keyword arguments are those of encode_conversation
+    template rewrites in history — ``messages[:i+1]`` with only that answer trained (masking "last"), so
+    every answer is learnt exactly as the model generates it. Arguments are those of encode_conversation
     (``rendered`` is the whole conversation's)."""
-    main = encode_conversation(tokenizer, messages, **kw)
+    main = encode_conversation(tokenizer, messages, eot=eot, cutoff_len=cutoff_len, masking=masking,
+                               mask_thinking=mask_thinking, template_kwargs=template_kwargs, rendered=rendered)
     views = []
     for turn in main.rewritten:
-        view = encode_conversation(tokenizer, messages[: turn + 1], **{**kw, "mask_history": True, "rendered": None})
+        view = encode_conversation(tokenizer, messages[: turn + 1], eot=eot, cutoff_len=cutoff_len, masking="last",
+                                   mask_thinking=mask_thinking, template_kwargs=template_kwargs)
         if view.status in (KEPT, TURNS_DROPPED):
             view.status, view.detail = VIEW, f"turn {turn} as generated"
         views.append(view)

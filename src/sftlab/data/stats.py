@@ -14,18 +14,19 @@ import multiprocessing
 import re
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from sftlab.config import SFTConfig
 from sftlab.data.formats import FormatSpec, Message, RowError, to_messages
-from sftlab.data.pipeline import encode_rows, no_tokenizer_threads_in_forks
+from sftlab.data.pipeline import EncodeOptions, encode_options, encode_rows, no_tokenizer_threads_in_forks
 from sftlab.data.render import IGNORE_INDEX, KEPT, VIEW, split_reasoning
 from sftlab.data.rows import first_value, iter_rows, row_spec
-from sftlab.data.sources import Source
+from sftlab.data.sources import Source, resolve_sources
 from sftlab.errors import SftlabError
 
 UNREADABLE = "unreadable row"
@@ -33,7 +34,8 @@ MALFORMED = "malformed row"
 TEMPLATE_ERROR = "template error"
 COVERAGE = (90, 95, 99, 100)  # percent of samples a recommended cutoff_len keeps whole
 PERCENTILES = (50, 90, 95, 99)
-OVER_ADVICE = 0.05  # the seeds' rule: more than 5% over cutoff_len → raise it or drop them
+TABLE_COLUMNS = ("min", "p50", "p90", "p95", "p99", "max", "mean")  # of each row of to_dict()["tokens"], as the front ends show them
+OVER_ADVICE = 0.05  # a common rule: more than 5% over cutoff_len → raise it or drop them
 LANGUAGES = ("cjk", "latin", "other", "mixed")  # per sample: >= 80% of letters in one script, else mixed
 NGRAMS = (1, 2, 3)
 OPENING_WORDS = 4
@@ -101,7 +103,7 @@ class Stats:
         return int(np.count_nonzero(self.length > (cutoff_len or self.cutoff_len)))
 
     def advice(self) -> str:
-        """The recommended cutoff_len, with the seeds' rule: more than 5% over → raise cutoff_len or drop them."""
+        """The recommended cutoff_len, with a common rule: more than 5% over → raise cutoff_len or drop them."""
         if not self.samples:
             return "no sample was measured"
         over = self.over()
@@ -111,8 +113,8 @@ class Stats:
                     f"are over, more than {OVER_ADVICE:.0%}: raise cutoff_len or drop them (an over-long multi-turn sample loses "
                     "its later turns, a single-turn one is dropped)")
         if over:
-            return (f"recommended cutoff_len: {self.cutoff_len} as set: {share:.1%} are over, within the {OVER_ADVICE:.0%} the seeds "
-                    f"accept ({self.cutoff_for(99)} keeps 99%, {self.cutoff_for(100)} all)")
+            return (f"recommended cutoff_len: {self.cutoff_len} as set: {share:.1%} are over, within the {OVER_ADVICE:.0%} commonly "
+                    f"accepted ({self.cutoff_for(99)} keeps 99%, {self.cutoff_for(100)} all)")
         return f"recommended cutoff_len: {self.cutoff_len} as set: every sample fits (the longest has {self.cutoff_for(100)} tokens)"
 
     def scatter(self, points: int = SCATTER_POINTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +172,7 @@ class Stats:
 
 
 def compute_stats(
-    sources: list[Source], tokenizer: PreTrainedTokenizerBase, *, cutoff_len: int, options: dict[str, Any],
+    sources: list[Source], tokenizer: PreTrainedTokenizerBase, *, cutoff_len: int, options: EncodeOptions,
     max_samples: int | None = None, workers: int = 1, on_bytes: Callable[[int], None] | None = None,
 ) -> Stats:
     """Measure every row of ``sources`` as training encodes it.
@@ -182,14 +184,14 @@ def compute_stats(
     counted in ``skipped`` (the first few named), not raised. Raises SftlabError for a source that
     cannot be read at all, or for ``stage: pt`` (plain text has no prompt/answer split to measure).
     """
-    if options["stage"] != "sft":
+    if options.stage != "sft":
         raise SftlabError("data stats measures chat samples (stage: sft); with stage: pt the text is cut into cutoff_len blocks")
     started = time.perf_counter()
     stats = Stats([s.name for s in sources], cutoff_len)
     acc = _Accumulator(stats)
     specs = {id(s): row_spec(s, first_value(s)) for s in sources}
     special = np.array(sorted(set(tokenizer.all_special_ids)), np.int64)
-    context = dict(tokenizer=tokenizer, options={**options, "cutoff_len": _NO_LIMIT}, special=special)
+    context = dict(tokenizer=tokenizer, options=replace(options, cutoff_len=_NO_LIMIT), special=special)
     batches = _batches(sources, specs, max_samples, on_bytes)
     if workers > 1:
         no_tokenizer_threads_in_forks()
@@ -207,6 +209,40 @@ def compute_stats(
     acc.finish()
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def stats_for_config(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, *, workers: int = 1,
+                     on_bytes: Callable[[int], None] | None = None) -> Stats:
+    """``compute_stats`` of ``cfg``'s datasets as its training would encode them (template, cutoff_len, max_samples)."""
+    return compute_stats(resolve_sources(cfg.dataset, cfg.dataset_dir), tokenizer, cutoff_len=cfg.cutoff_len,
+                         options=encode_options(cfg, tokenizer), max_samples=cfg.max_samples, workers=workers, on_bytes=on_bytes)
+
+
+def summary_lines(s: dict[str, Any], see: str | None = None) -> list[str]:
+    """The summary of ``Stats.to_dict()`` ``s`` as plain lines, for a front end to show beside its table of
+    ``s["tokens"]`` and the advice: samples, the smallest cutoff_len for 90/95/99/100 %, the share over cutoff_len,
+    turns, language mix, diversity, the most repeated opening, answer vs prompt length. ``see``: where the skipped
+    rows are named (e.g. "the report"), said after their counts."""
+    skipped = ", ".join(f"{k}: {n}" for k, n in s["skipped"].items())
+    note = f"; see {see}" if see else ""
+    lines = [f"{s['samples']:,} samples of {s['rows']:,} rows" + (f" (skipped {skipped}{note})" if skipped else "")]
+    cut, over = s["cutoff_for"], s["over_cutoff"]
+    lines.append(f"smallest cutoff_len keeping 90/95/99/100 % whole: {cut['90']} / {cut['95']} / {cut['99']} / {cut['100']}")
+    lines.append(f"over cutoff_len {s['cutoff_len']}: {over['count']:,} ({over['share']:.2%})")
+    if not s["samples"]:
+        return lines
+    lines.append("assistant turns: " + ", ".join(f"{t}: {c / s['samples']:.1%}" for t, c in s["turns"].items()))
+    lang = s["language"]
+    lines.append(f"language: {lang['cjk_char_share']:.1%} of letters CJK; samples " +
+                 ", ".join(f"{k} {v:.1%}" for k, v in lang["sample_shares"].items() if v))
+    div = s["diversity"]
+    lines.append("distinct-1/2/3 of answers: " + " / ".join("n/a" if v is None else f"{v:.4f}" for v in div["distinct"].values())
+                 + f" ({div['method']})")
+    if top := s["openings"]["answers"][:1]:
+        lines.append(f"most repeated answer opening: {top[0]['opening']!r} ({top[0]['share']:.1%})")
+    corr = s["answer_vs_prompt"]
+    lines.append(f"answer vs prompt length: Pearson {corr['pearson']}, Spearman {corr['spearman']}")
+    return lines
 
 
 # --- reading ----------------------------------------------------------------------------------------------------------
@@ -263,14 +299,14 @@ def _measure_in_worker(batch: tuple[FormatSpec, list[_Row]]) -> _Part:
     return _measure(batch, **_worker)
 
 
-def _measure(batch: tuple[FormatSpec, list[_Row]], *, tokenizer: PreTrainedTokenizerBase, options: dict[str, Any],
+def _measure(batch: tuple[FormatSpec, list[_Row]], *, tokenizer: PreTrainedTokenizerBase, options: EncodeOptions,
              special: np.ndarray) -> _Part:
     spec, rows = batch
     skipped, prompt, answer, turns, texts, trained = [], [], [], [], [], []
     answer_openings, prompt_openings = Counter(), Counter()
     views = 0
     readable = [value for _, value, _ in rows if value is not None]
-    results = iter(encode_rows(readable, spec, tokenizer, **options))
+    results = iter(encode_rows(readable, spec, tokenizer, options))
     for ref, value, problem in rows:
         if value is None:
             skipped.append((UNREADABLE, ref, problem))

@@ -30,7 +30,7 @@ from sftlab.errors import SftlabError
 from sftlab.evaluate.metrics import fit_latency, score
 from sftlab.evaluate.results import EvalResults, Prediction
 from sftlab.infer.generate import GenerationSettings, generate, prompt_ids
-from sftlab.train.loss import TokenLoss
+from sftlab.model.loss import TokenLoss
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def answer_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samp
     encoded = []
     for spec in {id(s.spec): s.spec for s in samples}.values():
         rows = [s.row for s in samples if s.spec is spec]
-        for result in encode_rows(rows, spec, tokenizer, **options):
+        for result in encode_rows(rows, spec, tokenizer, options):
             if not isinstance(result, Exception):
                 encoded += [e for e in result if e.status in TRAINED_STATUSES]
     if not encoded:

@@ -6,6 +6,7 @@ tokenized without adding special tokens), so inference sees what training taught
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
@@ -16,6 +17,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 from sftlab.config import SFTConfig
 from sftlab.data.formats import Message
 from sftlab.data.render import end_of_turn_token, render
+from sftlab.model.load import Trained, load_for_inference
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,12 @@ class GenerationSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def load_trained(trained: Trained, trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``load_for_inference`` on the GPU when one is visible, else on the CPU; says what it loads."""
+    log.info("loading %s", trained.describe())
+    return load_for_inference(trained, "cuda" if torch.cuda.is_available() else "cpu", trust_remote_code=trust_remote_code)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

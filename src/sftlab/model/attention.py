@@ -17,6 +17,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from sftlab.config import SFTConfig
+
 VARLEN = "sftlab_varlen"
 
 
@@ -60,18 +62,21 @@ def attention_implementation(device: torch.device, flat_batches: bool = False) -
     return VARLEN if flat_batches else "sdpa"
 
 
-def use_flat_batches(packing: bool, padding_free: bool | None, group_by_length: bool, device: torch.device) -> bool:
-    """Whether micro-batches are laid out padding-free (one row) rather than padded.
+def use_flat_batches(cfg: SFTConfig, device_type: str, flash_attn: bool | None = None) -> bool:
+    """Whether micro-batches are laid out padding-free (one row) rather than padded, on a ``device_type``
+    ("cuda", "cpu") device with FlashAttention-2 or not (``flash_attn``; default: whether it is installed).
 
-    ``padding_free: null`` picks the layout measured faster and leaner: padding-free on CPU (2.5–3.6×
-    the trained tokens/s of padded batches, half the memory; docs/performance.md) and on CUDA with
-    FlashAttention-2 varlen; padded where the user asked for length-grouped padded batches, and on
-    CUDA without flash-attn, where one fused sdpa call over a padded batch beats a per-sample loop.
+    The one rule for the layout: training resolves it once into the config it records (``padding_free``),
+    and the memory estimate asks it for its target. ``padding_free: null`` picks the layout measured faster
+    and leaner: padding-free on CPU (2.5–3.6× the trained tokens/s of padded batches, half the memory;
+    docs/performance.md) and on CUDA with FlashAttention-2 varlen; padded where the user asked for
+    length-grouped padded batches, and on CUDA without flash-attn, where one fused sdpa call over a padded
+    batch beats a per-sample loop.
     """
-    if packing:
+    if cfg.packing:
         return True
-    if padding_free is not None:
-        return padding_free
-    if group_by_length:
+    if cfg.padding_free is not None:
+        return cfg.padding_free
+    if cfg.group_by_length:
         return False
-    return device.type != "cuda" or _has_flash_attn()
+    return device_type != "cuda" or (_has_flash_attn() if flash_attn is None else flash_attn)

@@ -47,7 +47,7 @@ def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrai
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             dtype=dtype,
-            attn_implementation=attention_implementation(device, use_flat_batches(cfg.packing, cfg.padding_free, cfg.group_by_length, device)),
+            attn_implementation=attention_implementation(device, use_flat_batches(cfg, device.type)),
             trust_remote_code=cfg.trust_remote_code,
         )
     except ValueError as e:

@@ -3,7 +3,7 @@
 Memory per device is what is alive at the run's peak: weights, gradients, AdamW states, the tensors
 autograd saves for backward (activations), the loss's chunk of logits and a runtime overhead. The
 activations are counted tensor by tensor for a Llama-style decoder layer as sftlab trains it (checked
-with saved-tensor hooks; docs/estimate.md); time is ``train.flops.FlopCounter``'s FLOPs over a stated
+with saved-tensor hooks; docs/estimate.md); time is ``model.flops.FlopCounter``'s FLOPs over a stated
 device throughput. No weights are read: the model is built on the meta device from its config.
 """
 
@@ -20,9 +20,11 @@ from typing import Any, Literal
 import torch
 
 from sftlab.config import SFTConfig
+from sftlab.data.schedule import Schedule
 from sftlab.errors import SftlabError
-from sftlab.train.flops import GPU_PEAK_TFLOPS, FlopCounter
-from sftlab.train.loss import LOGITS_PER_CHUNK
+from sftlab.model.attention import use_flat_batches
+from sftlab.model.flops import GPU_PEAK_TFLOPS, FlopCounter, measure_cpu_peak
+from sftlab.model.loss import LOGITS_PER_CHUNK, TokenLoss
 
 GB = 2**30  # as peak_memory_gb: "GB" is GiB throughout
 CPU_RUNTIME = 0.55 * GB  # python + torch + transformers + datasets + peft + tokenizer: RSS before the model (measured)
@@ -32,9 +34,9 @@ GPU_RUNTIME = 1.0 * GB  # CUDA context (~0.5) and caching-allocator slack; not i
 # checkpointing, whether or not it is on). Fitted on two runs, checked on the others (docs/estimate.md).
 CPU_HEAP_SLACK = {"lora": 0.8, "full": 0.25, "freeze": 0.25}
 DEFAULT_MFU = {"cuda": 0.4, "cpu": 0.4}  # assumed share of the peak a training step reaches
-SEED_FULL_BYTES_PER_PARAM = 12  # the seeds: VRAM ≈ parameters × 12 for full tuning (1B → 12 GB)
-SEED_GB_PER_1024_TOKENS = 2.5  # the seeds: ~2.5 GB per 1024 tokens of cutoff_len
-SEED_LORA_GB = 2.0  # the seeds: LoRA rank 8-16 ≈ 2 GB
+THUMB_FULL_BYTES_PER_PARAM = 12  # a common rule: VRAM ≈ parameters × 12 for full tuning (1B → 12 GB)
+THUMB_GB_PER_1024_TOKENS = 2.5  # a common rule: ~2.5 GB per 1024 tokens of cutoff_len
+THUMB_LORA_GB = 2.0  # a common rule: LoRA rank 8-16 ≈ 2 GB
 
 Sharding = Literal["none", "zero1", "zero2", "zero3", "fsdp"]
 
@@ -70,8 +72,6 @@ class ModelShape:
 def model_shape(config: Any, name: str = "", trust_remote_code: bool = False) -> ModelShape:
     """A transformers config → ModelShape (the model is instantiated on the meta device: no memory, no weights)."""
     from transformers import AutoModelForCausalLM
-
-    from sftlab.train.loss import TokenLoss
 
     text = config.get_text_config()
     try:
@@ -217,15 +217,6 @@ def method_flops(shape: ModelShape, m: Method, cfg: SFTConfig) -> FlopCounter:
     return dataclasses.replace(base, trained_fraction=min(share, 1.0), head_trained=False)
 
 
-def flat_batches(cfg: SFTConfig, target: Target) -> bool:
-    """Padding-free (one row) vs padded micro-batches, as ``model.attention.use_flat_batches`` picks them on ``target``."""
-    if cfg.packing:
-        return True
-    if cfg.padding_free is not None:
-        return cfg.padding_free
-    return not cfg.group_by_length and (target.device == "cpu" or target.flash_attn)
-
-
 @dataclass
 class Part:
     """One row of the memory table: its full size and what of it is alive at the peak (bytes)."""
@@ -266,7 +257,7 @@ def layer_activation_bytes(shape: ModelShape, m: Method, cfg: SFTConfig, target:
     mlp = (4 if shape.gated_mlp else 2) * shape.intermediate
     b = 4 * 2 * h + (4 * 2 * h if m.norms_trained else 0)
     b += act * (2 * h + q + 2 * kv + q + q + mlp) + 4 * shape.heads
-    if not flat_batches(cfg, target) and not (target.device == "cuda" and target.flash_attn):
+    if not use_flat_batches(cfg, target.device, target.flash_attn) and not (target.device == "cuda" and target.flash_attn):
         b += act * 2 * (q - kv) + 4 * seq_len  # repeat_kv for GQA; the [L, L] mask row of each token
     if m.lora:
         b += act * cfg.lora_rank * m.lora_modules
@@ -335,7 +326,7 @@ def memory(shape: ModelShape, cfg: SFTConfig, target: Target, seq_len: int | Non
     parts = [
         Part("weights", weights, weights, f"{m.trainable / 1e6:,.1f} M trained × 4 B" + (
             f" + {m.frozen / 1e6:,.1f} M frozen × {2 if half_frozen else 4} B" if m.frozen else "") + (f" ÷ {shard_w}" if shard_w > 1 else "")),
-        Part("gradients", grads, at_grads, f"4 B × trained" + (f" ÷ {shard_g}" if shard_g > 1 else "")),
+        Part("gradients", grads, at_grads, "4 B × trained" + (f" ÷ {shard_g}" if shard_g > 1 else "")),
         Part("optimizer states", optimizer, optimizer, ("AdamW: 2 × 4 B" if state_bytes == 8 else "8-bit AdamW: 2 × 1 B") + " × trained"
              + (f" ÷ {shard_o}" if shard_o > 1 else "")),
         Part("activations", acts, at_acts, f"{m.layers_with_grad} layers × {tokens:,} tokens × {a_layer / 1024:,.1f} KiB"
@@ -406,8 +397,6 @@ class Time:
 
 def device_peak(cfg: SFTConfig, target: Target) -> tuple[float, str]:
     """Peak FLOP/s of one device and where it comes from: --tflops, the config's peak_tflops, H100 table, or a CPU matmul."""
-    from sftlab.train.flops import measure_cpu_peak
-
     half = cfg.bf16 or cfg.fp16
     given = target.peak_tflops or cfg.peak_tflops
     if given:
@@ -427,8 +416,6 @@ def training_time(shape: ModelShape, cfg: SFTConfig, target: Target, samples: in
     ``samples``: training samples (None: steps unknown unless max_steps); ``mean_len``: tokens per sample
     (None: cutoff_len, an upper bound).
     """
-    from sftlab.train.loop import Schedule
-
     m = method(shape, cfg)
     counter = method_flops(shape, m, cfg)
     length = mean_len or cfg.cutoff_len
@@ -451,20 +438,20 @@ def training_time(shape: ModelShape, cfg: SFTConfig, target: Target, samples: in
                 peak, mfu, where, basis)
 
 
-# --- the seeds' rules of thumb ---------------------------------------------------------------------------------------------
+# --- common rules of thumb ---------------------------------------------------------------------------------------------------
 
 
-def seeds_rule(shape: ModelShape, cfg: SFTConfig) -> tuple[float, str]:
-    """The seeds' estimate (bytes) and its formula: 12 B/param for full tuning (weights otherwise, +2 GB for LoRA),
+def rule_of_thumb(shape: ModelShape, cfg: SFTConfig) -> tuple[float, str]:
+    """The common rule-of-thumb estimate (bytes) and its formula: 12 B/param for full tuning (weights otherwise, +2 GB for LoRA),
     plus 2.5 GB per 1024 tokens of cutoff_len."""
-    tokens = SEED_GB_PER_1024_TOKENS * cfg.cutoff_len / 1024 * GB
+    tokens = THUMB_GB_PER_1024_TOKENS * cfg.cutoff_len / 1024 * GB
     if cfg.finetuning_type == "full":
-        return SEED_FULL_BYTES_PER_PARAM * shape.params + tokens, "12 B × parameters + 2.5 GB per 1024 tokens of cutoff_len"
+        return THUMB_FULL_BYTES_PER_PARAM * shape.params + tokens, "12 B × parameters + 2.5 GB per 1024 tokens of cutoff_len"
     w = 2 if (cfg.bf16 or cfg.fp16) else 4
     if cfg.finetuning_type == "lora":
-        return w * shape.params + SEED_LORA_GB * GB + tokens, f"{w} B × parameters + 2 GB for LoRA + 2.5 GB per 1024 tokens of cutoff_len"
+        return w * shape.params + THUMB_LORA_GB * GB + tokens, f"{w} B × parameters + 2 GB for LoRA + 2.5 GB per 1024 tokens of cutoff_len"
     m = method(shape, cfg)
-    return (w * m.frozen + SEED_FULL_BYTES_PER_PARAM * m.trainable + tokens,
+    return (w * m.frozen + THUMB_FULL_BYTES_PER_PARAM * m.trainable + tokens,
             f"{w} B × frozen + 12 B × trained parameters + 2.5 GB per 1024 tokens of cutoff_len")
 
 
@@ -483,7 +470,7 @@ class Estimate:
     max_batch: int
     max_batch_gc: int
     time: Time
-    seeds: tuple[float, str]
+    rule_of_thumb: tuple[float, str]
     seq_len: int
     trained_share: float
 
@@ -504,9 +491,9 @@ class Estimate:
         when = f"{t.steps:,} steps → {duration(t.total_s)}" if t.steps else "steps unknown (give --stats, or set max_steps)"
         out.append(f"time: {t.step_flops / 1e12:,.1f} TFLOP per optimizer step → {t.step_s:.3g} s at {t.mfu:.0%} MFU; {when}")
         out.append(f"  ({t.basis}; {t.throughput})")
-        seeds, formula = self.seeds
-        out.append(f"seeds' rule of thumb: {seeds / GB:.1f} GB ({formula}) vs this estimate {mem.total / GB:.1f} GB "
-                   f"(× {mem.total / seeds:.2f})")
+        thumb, formula = self.rule_of_thumb
+        out.append(f"common rule of thumb: {thumb / GB:.1f} GB ({formula}) vs this estimate {mem.total / GB:.1f} GB "
+                   f"(× {mem.total / thumb:.2f})")
         out.extend(f"note: {n}" for n in mem.notes)
         return out
 
@@ -524,7 +511,7 @@ class Estimate:
             "max_per_device_train_batch_size": self.max_batch, "max_per_device_train_batch_size_other_checkpointing": self.max_batch_gc,
             "time": {"step_tflop": t.step_flops / 1e12, "step_s": t.step_s, "steps": t.steps, "total_s": t.total_s,
                      "peak_tflops": t.peak_flops / 1e12, "mfu": t.mfu, "basis": t.basis},
-            "seeds_rule_gb": self.seeds[0] / GB, "notes": mem.notes,
+            "rule_of_thumb_gb": self.rule_of_thumb[0] / GB, "notes": mem.notes,
         }
 
 
@@ -541,12 +528,12 @@ def duration(seconds: float | None) -> str:
 def estimate(shape: ModelShape, cfg: SFTConfig, target: Target, source: str = "", samples: int | None = None,
              mean_len: float | None = None, trained_share: float = 1.0) -> Estimate:
     """Memory (the worst micro-batch: samples of cutoff_len, every token trained), the batch that fits, the time
-    (samples of ``mean_len``, ``trained_share`` of tokens trained) and the seeds' rule for ``cfg``."""
+    (samples of ``mean_len``, ``trained_share`` of tokens trained) and the common rule of thumb for ``cfg``."""
     mem = memory(shape, cfg, target)
     other = cfg.model_copy(update={"gradient_checkpointing": not cfg.gradient_checkpointing})
     return Estimate(shape, source, cfg, target, method(shape, cfg), mem, mem.total <= target.memory,
                     max_batch(shape, cfg, target), max_batch(shape, other, target),
-                    training_time(shape, cfg, target, samples, mean_len, trained_share), seeds_rule(shape, cfg),
+                    training_time(shape, cfg, target, samples, mean_len, trained_share), rule_of_thumb(shape, cfg),
                     cfg.cutoff_len, trained_share)
 
 

@@ -1,6 +1,6 @@
 """A training config from the data and the model (``sftlab suggest``): each choice with a one-line reason.
 
-The rules are the seeds' rules of thumb (docs/estimate.md quotes them), made concrete with the data's
+The rules are common SFT rules of thumb (docs/estimate.md lists them), made concrete with the data's
 statistics (``data.stats``: samples, length CDF, turns) and the memory estimate (``plan.estimate``): the
 batch and gradient checkpointing are what fits the device; LoRA or full tuning is what the data size and
 the memory allow.
@@ -67,32 +67,32 @@ def learning_rate(full: bool, params: int) -> tuple[float, str]:
     base = 1e-5 if full else 5e-5
     what = "full tuning" if full else "LoRA"
     if params < 1e9:
-        return base * 2, f"seeds: {base:.0e} for {what}; doubled for a small (<1B) model, which tolerates larger steps"
+        return base * 2, f"rule of thumb: {base:.0e} for {what}; doubled for a small (<1B) model, which tolerates larger steps"
     if params >= 30e9:
-        return base / 2, f"seeds: {base:.0e} for {what}; halved for a large (≥30B) model"
-    return base, f"seeds: {base:.0e} for {what}"
+        return base / 2, f"rule of thumb: {base:.0e} for {what}; halved for a large (≥30B) model"
+    return base, f"rule of thumb: {base:.0e} for {what}"
 
 
 def epochs(n: int) -> tuple[float, str]:
     value = 5 if n < 1_000 else 3 if n < 10_000 else 2 if n < 100_000 else 1
-    return float(value), f"seeds: 3-10 epochs, fewer on more data; {n:,} training samples (watch eval_loss for overfitting)"
+    return float(value), f"rule of thumb: 3-10 epochs, fewer on more data; {n:,} training samples (watch eval_loss for overfitting)"
 
 
 def validation(n: int) -> tuple[float, str]:
-    """The seeds: < 1,000 samples → 0.1-0.2 with ≥ 100 in validation; > 10,000 → 0.05-0.1 with ≥ 1,000."""
+    """A common rule: < 1,000 samples → 0.1-0.2 with ≥ 100 in validation; > 10,000 → 0.05-0.1 with ≥ 1,000."""
     if n < 1_000:
         frac = min(0.2, max(0.1, 100 / max(n, 1)))
-        return round(frac, 2), f"seeds: 0.1-0.2 for < 1,000 samples, ≥ 100 held out when possible ({round(frac * n)} of {n:,})"
+        return round(frac, 2), f"rule of thumb: 0.1-0.2 for < 1,000 samples, ≥ 100 held out when possible ({round(frac * n)} of {n:,})"
     if n <= 10_000:
-        return 0.1, f"seeds: 0.1 of {n:,} samples ({round(0.1 * n):,} held out)"
+        return 0.1, f"rule of thumb: 0.1 of {n:,} samples ({round(0.1 * n):,} held out)"
     if n * 0.05 > 2_000:
-        return 2000, f"seeds: 0.05-0.1 for > 10,000 samples, ≥ 1,000 held out; capped at 2,000 so evaluation stays quick"
+        return 2000, "rule of thumb: 0.05-0.1 for > 10,000 samples, ≥ 1,000 held out; capped at 2,000 so evaluation stays quick"
     frac = max(0.05, min(0.1, 1_000 / n))
-    return round(frac, 3), f"seeds: 0.05-0.1 for > 10,000 samples, ≥ 1,000 held out ({round(frac * n):,})"
+    return round(frac, 3), f"rule of thumb: 0.05-0.1 for > 10,000 samples, ≥ 1,000 held out ({round(frac * n):,})"
 
 
 def effective_batch(n_train: int) -> int:
-    """The seeds' 16/32/64/128 by data size, never so large that an epoch has fewer than 8 steps."""
+    """The common 16/32/64/128 by data size, never so large that an epoch has fewer than 8 steps."""
     target = 16 if n_train < 1_000 else 32 if n_train < 10_000 else 64 if n_train < 100_000 else 128
     return max(1, min(target, _pow2_floor(n_train / 8)))
 
@@ -188,7 +188,7 @@ def suggest(stats: Stats, shape: ModelShape, base: SFTConfig, target: Target) ->
     ]
     if cfg.finetuning_type == "lora":
         choices += [Choice("lora_target", "all", "every linear layer but the head: the usual choice"),
-                    Choice("lora_rank", rank, f"seeds: 8-16; {rank} for {n:,} samples (raise it if the model does not learn the task)"),
+                    Choice("lora_rank", rank, f"rule of thumb: 8-16; {rank} for {n:,} samples (raise it if the model does not learn the task)"),
                     Choice("lora_alpha", 2.0 * rank, "2 × rank"),
                     Choice("lora_dropout", cfg.lora_dropout, "a little regularisation for < 1,000 samples (costs a copy of each "
                            "adapted input)" if cfg.lora_dropout else "not needed on this much data (and it costs activation memory)")]
@@ -200,7 +200,7 @@ def suggest(stats: Stats, shape: ModelShape, base: SFTConfig, target: Target) ->
         Choice("packing", packing, _packing_reason(packing, single_turn, median, cutoff, per_row, n)),
         Choice("per_device_train_batch_size", b, f"{in_batch} of ≤ {cutoff} tokens fit {mem:.0f} GB "
                f"(largest: {with_gc if checkpointing else no_gc}; estimated peak {est.memory.total / GB:.1f} GB)"),
-        Choice("gradient_accumulation_steps", accumulation, f"effective batch ≈ {samples_per_step} samples: the seeds' 16/32/64/128 by data size"
+        Choice("gradient_accumulation_steps", accumulation, f"effective batch ≈ {samples_per_step} samples: the common 16/32/64/128 by data size"
                + (f" (≤ 1/8 of {n_train:,} samples)" if eff < 16 else "")),
         Choice("gradient_checkpointing", checkpointing, f"without it only {no_gc} fit{'s' if no_gc == 1 else ''}: recompute to fit {b}"
                if checkpointing else f"not needed: {no_gc} fit without it (recomputing costs ~30% time)"),
@@ -210,7 +210,7 @@ def suggest(stats: Stats, shape: ModelShape, base: SFTConfig, target: Target) ->
         Choice("warmup_ratio", 0.05, "a short warmup keeps the first steps stable"),
         Choice("bf16", cfg.bf16, ("mixed precision (A100/H100/RTX 30xx+; on V100/T4 use bf16: false, fp16: true)" if target.device == "cuda"
                                   else "this CPU computes bf16" if cfg.bf16 else "this CPU has no bf16 (fp32)")),
-        Choice("do_eval_baseline", True, "seeds: test the base model before training and compare after"),
+        Choice("do_eval_baseline", True, "rule of thumb: test the base model before training and compare after"),
         Choice("logging_steps", cfg.logging_steps, f"~{steps:,} steps in all"),
         Choice("eval_steps", cfg.eval_steps, "about ten evaluations"),
         Choice("save_steps", cfg.save_steps, "a checkpoint per epoch"),
@@ -230,28 +230,24 @@ def suggest(stats: Stats, shape: ModelShape, base: SFTConfig, target: Target) ->
 def _packing_reason(packing: bool, single_turn: float, median: float, cutoff: int, per_row: float, n: int) -> str:
     if packing:
         return (f"{single_turn:.0%} single-turn, median {median:.0f} tokens ≤ cutoff_len/4: rows of ~{per_row:.0f} samples, fewer and "
-                "fuller steps; the seeds advise against packing where samples see each other — in sftlab's rows they do not")
+                "fuller steps; packing is commonly advised against where samples see each other — in sftlab's rows they do not")
     if single_turn < 0.9:
-        return f"off: {1 - single_turn:.0%} multi-turn samples (the seeds: packing does not suit multi-turn data)"
+        return f"off: {1 - single_turn:.0%} multi-turn samples (packing does not suit multi-turn data)"
     if median > cutoff / 4:
         return f"off: median {median:.0f} tokens is over cutoff_len/4: padding-free batches already compute no padding"
-    return f"off: {n:,} samples are few; the seeds advise against packing in general"
+    return f"off: {n:,} samples are few; packing is commonly advised against in general"
 
 
 def _cpu_bf16() -> bool:
-    from sftlab.train.run import cpu_supports_bf16
+    from sftlab.model.device import cpu_supports_bf16
 
     return cpu_supports_bf16()
 
 
 def measure(cfg: SFTConfig, workers: int = 1, on_bytes: Callable[[int], None] | None = None) -> Stats:
     """The data statistics of ``cfg``'s datasets with its model's tokenizer and template, as ``sftlab data stats`` measures them."""
-    from sftlab.data.pipeline import encode_options
-    from sftlab.data.sources import resolve_sources
-    from sftlab.data.stats import compute_stats
+    from sftlab.data.stats import stats_for_config
     from sftlab.model.assets import resolve_model
     from sftlab.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg, resolve_model(cfg.model_name_or_path))
-    return compute_stats(resolve_sources(cfg.dataset, cfg.dataset_dir), tokenizer, cutoff_len=cfg.cutoff_len,
-                         options=encode_options(cfg, tokenizer), max_samples=cfg.max_samples, on_bytes=on_bytes, workers=workers)
+    return stats_for_config(cfg, load_tokenizer(cfg, resolve_model(cfg.model_name_or_path)), workers=workers, on_bytes=on_bytes)

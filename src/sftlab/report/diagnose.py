@@ -1,30 +1,26 @@
 """Reading training curves for the user: rules over metrics.jsonl that name what they see.
 
-The seed notes teach reading loss curves by eye: a healthy train loss falls sharply, flattens, then
+SFT practice reads loss curves by eye: a healthy train loss falls sharply, flattens, then
 converges, and eval loss tracks it. Each rule below looks for one departure from that picture and
-returns a :class:`Finding` with the evidence (steps and values) and the seeds' advice, or nothing.
+returns a :class:`Finding` with the evidence (steps and values) and advice, or nothing.
 Rules compare medians of several logs (never single points) so that noise does not fire them, and
 stay quiet when a run has too few logs to tell.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
-
-from sftlab.errors import SftlabError
 
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 # Shared
 NOISE_Z = 4.0  # a change between two medians must exceed 4 standard errors: noisy logs (logging_steps 1) do not fire rules
-TAIL_SHARE = 0.25  # "the end of the run": its last quarter of steps, as in the issue
+TAIL_SHARE = 0.25  # "the end of the run": its last quarter of steps
 TAIL_MIN = 2  # ... but never fewer logs than this, so one lucky batch does not decide
 START_SHARE = 0.10  # "the start": the first tenth of the logs (at least START_MIN)
 START_MIN = 3
@@ -35,7 +31,7 @@ EVAL_RISE = 0.10  # eval_loss this far above its minimum is a clear rise, not ev
 EVAL_RISE_ABS = 0.01  # nats/token; below this a rise means nothing (0.010 -> 0.012 is +20%)
 EVAL_RISE_COUNT = 2  # the last evals that must all be above the minimum: a trend, not one bad eval
 TRAIN_FALL = 0.10  # train loss must still fall this much (relative) in the second half ...
-EVAL_SLOW = 1 / 3  # ... while eval loss falls less than this share of it ("much slower", the seeds' sign)
+EVAL_SLOW = 1 / 3  # ... while eval loss falls less than this share of it ("much slower": the usual sign of overfitting)
 GAP_GROWTH = 0.10  # eval - train must grow by this share of eval_loss ...
 GAP_GROWTH_ABS = 0.02  # ... and by this many nats/token
 TRAIN_AT_EVAL = 3  # train loss "at" an eval step: median of the logs since the previous eval, at least 3
@@ -73,8 +69,8 @@ GRAD_FACTOR = 10.0  # grad_norm 10x its running median: an outlier batch, not th
 GRAD_WINDOW = 20  # running median over the previous 20 logs
 GRAD_HISTORY = 5  # the first logs have no stable median (gradients are large early on)
 # schedule
-FULL_LR_MAX = 1e-4  # full tuning above this overwrites what the model knew (the seeds use 1e-5)
-FULL_LR_SEED = 1e-5
+FULL_LR_MAX = 1e-4  # full tuning above this overwrites what the model knew (full tuning commonly uses 1e-5)
+FULL_LR_COMMON = 1e-5
 WARMUP_SHARE = 0.5  # warmup over half the run: most steps train below learning_rate (info)
 SHOWN = 5  # steps listed in an evidence string; the rest are counted
 
@@ -104,34 +100,6 @@ class Finding:
 
     def __str__(self) -> str:
         return f"{self.severity}: {self.title}\n  {self.evidence}\n  advice: {self.advice}"
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl, in file order.
-
-    A last line without its newline is skipped (the file may be mid-write while training runs).
-    Raises SftlabError naming the file and line for any other line that is not a JSON object with a step.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SftlabError(f"cannot read {path}: {e.strerror or e}") from None
-    lines = text.split("\n")  # the last item is "" when the file ends with a newline
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines):  # no newline after it: a write in progress
-                break
-            raise SftlabError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); fix or delete that line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise SftlabError(f"{path} line {number}: not a metrics record (a JSON object with an integer step)")
-        records.append(record)
-    return records
 
 
 def display_weight(n: int) -> float:
@@ -356,7 +324,7 @@ def _plateau(records: list[dict], info: RunInfo) -> list[Finding]:
                         evidence, "training changes little here; compare with the base model (sftlab compare) to see "
                         "whether fine-tuning is needed", [int(ts[0]), int(ts[-1])])]
     return [Finding("plateau", "warning", f"Plateau: train loss barely moved ({_pct(start, end)})", evidence,
-                    "raise learning_rate (the seeds: 5e-5 for LoRA, 1e-5 for full tuning); check that the answers are "
+                    "raise learning_rate (common values: 5e-5 for LoRA, 1e-5 for full tuning); check that the answers are "
                     "trained and labelled right (sftlab data preview); if it still does not learn, raise lora_rank or use a bigger model",
                     [int(ts[0]), int(ts[-1])])]
 
@@ -444,7 +412,7 @@ def _epoch_drop(records: list[dict], info: RunInfo) -> list[Finding]:
     starts = ", ".join(str(k + 1) for k in drops)
     return [Finding("epoch_drop", "warning", f"Train loss drops at the start of epoch{'s' if len(drops) > 1 else ''} {starts}: "
                     "the model memorised the samples it saw", "; ".join(parts),
-                    "seeing the same samples again lowers the loss at once (the seeds' sign of memorisation): train fewer "
+                    "seeing the same samples again lowers the loss at once (a sign of memorisation): train fewer "
                     f"epochs (num_train_epochs {drops[0]}: the first drop follows it) or add data, and watch eval_loss "
                     "(val_size, eval_steps) to stop at its minimum", marks)]
 
@@ -495,20 +463,20 @@ def _schedule(records: list[dict], info: RunInfo) -> list[Finding]:
         if info.warmup_steps >= info.total_steps:
             found.append(Finding("schedule", "warning", "Warmup is as long as training: learning_rate is never reached",
                                  f"warmup_steps {info.warmup_steps} >= total steps {info.total_steps}",
-                                 "use warmup_ratio 0.03-0.1 (the seeds' config uses 0.1) or fewer warmup_steps"))
+                                 "use warmup_ratio 0.03-0.1 (a common choice is 0.1) or fewer warmup_steps"))
         elif info.warmup_steps > WARMUP_SHARE * info.total_steps:
             found.append(Finding("schedule", "info", "Warmup takes most of the run",
                                  f"warmup_steps {info.warmup_steps} of {info.total_steps} steps "
                                  f"({info.warmup_steps / info.total_steps:.0%})",
-                                 "use warmup_ratio 0.03-0.1 (the seeds' config uses 0.1)"))
+                                 "use warmup_ratio 0.03-0.1 (a common choice is 0.1)"))
     lr = info.learning_rate
     if lr is None:  # the peak of the logged schedule is learning_rate
         _, lrs = _series(records, "lr")
         lr = float(lrs.max()) if len(lrs) else None
     if info.finetuning_type == "full" and lr is not None and lr > FULL_LR_MAX:
         found.append(Finding("schedule", "warning", f"learning_rate {_lr(lr)} is high for full fine-tuning",
-                             f"finetuning_type full, learning_rate {_lr(lr)} (the seeds use {_lr(FULL_LR_SEED)} for full tuning)",
-                             f"use learning_rate about {_lr(FULL_LR_SEED)}: larger steps overwrite what the model knew "
+                             f"finetuning_type full, learning_rate {_lr(lr)} (full tuning commonly uses {_lr(FULL_LR_COMMON)})",
+                             f"use learning_rate about {_lr(FULL_LR_COMMON)}: larger steps overwrite what the model knew "
                              "(LoRA takes larger rates, about 5e-5 to 1e-4)"))
     return found
 

@@ -1,14 +1,17 @@
-"""The terminal side of ``sftlab report OUTPUT_DIR --watch``: where a run is, in a dozen lines."""
+"""``sftlab report OUTPUT_DIR --watch``: the report re-rendered as a run logs, and the terminal view of where it is."""
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
+from typing import Callable
 
 from rich.table import Table
 
 from sftlab.report.diagnose import Finding, display_weight, smooth
-from sftlab.report.training_report import finished
+from sftlab.report.metrics import read_metrics
+from sftlab.report.training_report import finished, write_training_report
 
 SPARK = "▁▂▃▄▅▆▇█"
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
@@ -58,3 +61,29 @@ def status_view(output_dir: Path, records: list[dict], findings: list[Finding]) 
     for f in findings:
         grid.add_row(f"[{_STYLE[f.severity]}]{f.severity}[/]", f"{f.title} — {f.evidence}")
     return grid
+
+
+def watch(output_dir: Path, every: float, on_render: Callable[[list[dict], list[Finding]], None],
+          on_waiting: Callable[[Path], None] | None = None) -> list[Path]:
+    """Re-render ``output_dir``'s report (a page that reloads itself) whenever its metrics.jsonl changes, looking every
+    ``every`` seconds, until the run has logged its last step; returns the files of the last render.
+
+    ``on_render(records, findings)`` follows each render, with the records it drew; ``on_waiting(metrics_path)`` is
+    called once if the run has not started logging yet. Raises SftlabError for metrics that cannot be read.
+    """
+    metrics = output_dir / "metrics.jsonl"
+    seen: object = ...  # nothing rendered yet
+    while True:
+        stamp = metrics.stat().st_mtime_ns if metrics.is_file() else None
+        if stamp is None and seen is ...:
+            if on_waiting is not None:
+                on_waiting(metrics)
+            seen = None
+        elif stamp != seen:
+            seen = stamp
+            records = read_metrics(metrics)  # once: the page and the caller's view show the same steps
+            files, findings = write_training_report(output_dir, refresh=max(1, round(every)), records=records)
+            on_render(records, findings)
+            if finished(records):
+                return files
+        time.sleep(every)

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from sftlab.errors import SftlabError
-from sftlab.report.diagnose import Finding, RunInfo, diagnose, display_weight, read_metrics, smooth
+from sftlab.report.diagnose import Finding, RunInfo, diagnose, display_weight, smooth
+from sftlab.report.metrics import read_metrics
 from sftlab.report.page import Page, new_figure
 
 REPORT = "report.html"

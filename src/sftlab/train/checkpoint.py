@@ -3,6 +3,10 @@
 A checkpoint holds the model (or LoRA adapter), tokenizer with the chat template used, the
 resolved config, optimizer, scheduler, RNG states and the training position, so that resuming
 reproduces the losses of an uninterrupted run.
+
+This module knows the layout of a checkpoint and nothing of how the weights are spread over
+processes: what a backend (``train/backend.py``) gathers or writes per rank reaches it as a
+``SavedState``, and resuming asks the backend to load its own part (``Backend.load_state``).
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.errors import SftlabError
@@ -73,17 +81,24 @@ def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class SavedState(NamedTuple):
+    """What every rank's backend prepared for the checkpoint the main process writes (``Backend.save_state``)."""
+
+    weights: dict | None = None  # gathered weights to write instead of the model's own (sharded or half-precision models)
+    optimizer_state: dict | None = None  # gathered optimizer state (FSDP) instead of ``optimizer.state_dict()``
+    per_rank: tuple[Path, str] | None = None  # (a directory every rank wrote its part of the state to, its name in the checkpoint)
+
+
 def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimizer, scheduler, state: TrainState,
-                    state_dict: dict | None = None, optimizer_state: dict | None = None,
-                    per_rank: tuple[Path, str] | None = None) -> Path:
-    """Write ``output_dir``/checkpoint-N atomically; ``state_dict`` and ``optimizer_state`` as gathered under FSDP;
-    ``per_rank``: (a directory every rank wrote its part of the state to, its name in the checkpoint): DeepSpeed's
-    optimizer state (``deepspeed/``) or FSDP's sharded weights and optimizer state (``fsdp/``, no safetensors then)."""
+                    saved: SavedState = SavedState()) -> Path:
+    """Write ``output_dir``/checkpoint-N atomically from what the ranks prepared (``saved``): a ``per_rank`` directory
+    holds the optimizer state (DeepSpeed's ``deepspeed/``; FSDP's sharded ``fsdp/``, which holds the weights too,
+    so no safetensors are written then)."""
     def extra(tmp: Path) -> None:
-        if per_rank is not None:  # the optimizer state is in there
-            os.replace(per_rank[0], tmp / per_rank[1])
+        if saved.per_rank is not None:  # the optimizer state is in there
+            os.replace(saved.per_rank[0], tmp / saved.per_rank[1])
         else:
-            torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(saved.optimizer_state if saved.optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(
             {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -93,13 +108,33 @@ def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimize
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
 
     path = output_dir / f"checkpoint-{state.step}"
-    write_model_dir(path, model, tokenizer, cfg, extra, state_dict, weights=per_rank is None or per_rank[1] != SHARDED_DIR)
+    weights = saved.per_rank is None or saved.per_rank[1] != SHARDED_DIR
+    write_model_dir(path, model, tokenizer, cfg, extra, saved.weights, weights=weights)
     if cfg.save_total_limit:
         best = output_dir / f"checkpoint-{state.best_step}" if cfg.load_best_model_at_end and state.best_step else None
         for old in list_checkpoints(output_dir)[: -cfg.save_total_limit]:
             if old != best:  # the best one is kept for load_best_model_at_end, beyond the limit
                 shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+class Checkpointer:
+    """Writes the checkpoints of one run. Every rank calls ``save`` (its backend gathers or writes its part); the main
+    process writes the directory."""
+
+    def __init__(self, output_dir: Path, backend, module, optimizer, scheduler, tokenizer, cfg: SFTConfig):
+        self.output_dir, self.backend, self.module, self.optimizer, self.scheduler = output_dir, backend, module, optimizer, scheduler
+        self.tokenizer, self.cfg = tokenizer, cfg
+
+    def save(self, state: TrainState, weights: dict | None = None) -> Path:
+        """Checkpoint ``state``; ``weights``: already gathered on every rank (``Backend.gathered_weights``), else gathered here."""
+        staging = self.output_dir / f".checkpoint-{state.step}.per-rank"
+        saved = self.backend.save_state(self.module, self.optimizer, staging, weights)
+        if self.backend.is_main:
+            model = self.backend.unwrap(self.module).model
+            save_checkpoint(self.output_dir, model, self.tokenizer, self.cfg, self.optimizer, self.scheduler, state, saved)
+        self.backend.wait()
+        return self.output_dir / f"checkpoint-{state.step}"
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -170,19 +205,11 @@ def load_weights(path: Path, model) -> None:
         model.load_state_dict(saved_weights(path), strict=False)
 
 
-def load_checkpoint(path: Path, module, optimizer, scheduler, sharded: bool = False, engine=None) -> TrainState:
-    """Restore optimizer, scheduler and RNG states from ``path`` (the weights: ``load_weights``, before
-    ``module`` is wrapped or sharded); return its TrainState. ``engine``: DeepSpeed's, which loads its own state
-    (``find_checkpoint`` has said the checkpoint fits this run)."""
-    from sftlab.train.sharding import load_optimizer_state, load_sharded
-    from sftlab.train.zero import load_engine_state
-
-    if engine is not None:
-        load_engine_state(engine, path)
-    elif (path / SHARDED_DIR).is_dir():  # weights and optimizer state, resharded to this run
-        load_sharded(module, optimizer, path / SHARDED_DIR)
-    else:
-        load_optimizer_state(module, optimizer, torch.load(path / "optimizer.pt", weights_only=False), sharded)
+def load_checkpoint(path: Path, backend, module, optimizer, scheduler) -> TrainState:
+    """Restore the optimizer state (through ``backend.load_state``, which knows how its ranks hold it), scheduler and
+    RNG states from ``path``; return its TrainState. The weights were loaded before ``module`` was prepared
+    (``Backend.load_weights``); ``find_checkpoint`` has said the checkpoint fits this run."""
+    backend.load_state(path, module, optimizer)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = torch.load(path / "rng_state.pt", weights_only=False)
     random.setstate(rng["python"])
@@ -193,3 +220,82 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, sharded: bool = Fa
     state = TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
     state.early_stopped = False  # resuming an early-stopped run means training on
     return state
+
+
+# --- keys: how a checkpoint names what a (wrapped, sharded or adapter) model holds ---------------------------------
+
+
+def is_adapter(module) -> bool:
+    """Whether ``module`` (a ``TokenLoss``) trains a PEFT adapter (saved alone, without the frozen base)."""
+    return hasattr(module.model, "peft_config")
+
+
+def as_saved(module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``module``'s (a ``TokenLoss``) state dict keyed as ``module.model`` names it, a tied weight once (as
+    save_pretrained writes it)."""
+    aliases = {n for n, _ in module.model.named_parameters(remove_duplicate=False)} - {n for n, _ in module.model.named_parameters()}
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def saved_keys(module, names) -> dict[str, str]:
+    """The key each of ``names`` (``module``'s parameter names) is saved under in a checkpoint's safetensors → that
+    name: the 'model.' prefix off, a tied alias dropped, and for an adapter its name taken out as PEFT saves it."""
+    keys = as_saved(module, {name: name for name in names})
+    if is_adapter(module):
+        adapter = module.model.active_adapter
+        keys = {k.replace(f".{adapter}", ""): name for k, name in keys.items()}
+    return keys
+
+
+def param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name (relative to the unwrapped TokenLoss) of each parameter the optimizer holds, in its order."""
+    inner = getattr(module, "module", module)  # DDP
+    names = {id(p): n for n, p in inner.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def optimizer_state_by_index(saved: dict, names: list[str]) -> dict:
+    """An optimizer state saved by index (``optimizer.state_dict()``) or by parameter name (FSDP), keyed by index;
+    ``names``: the parameters in the optimizer's order (``param_names``)."""
+    return _renumber(saved, {n: i for i, n in enumerate(names)}) if _by_name(saved) else saved
+
+
+def optimizer_state_by_name(saved: dict, names: list[str]) -> dict:
+    """An optimizer state saved by index or by parameter name, keyed by name (as FSDP loads it)."""
+    return saved if _by_name(saved) else _renumber(saved, dict(enumerate(names)))
+
+
+def _by_name(saved: dict) -> bool:
+    return any(isinstance(p, str) for g in saved["param_groups"] for p in g["params"])
+
+
+def _renumber(saved: dict, key: dict) -> dict:
+    """``saved`` with every parameter key (in ``state`` and in the groups) mapped through ``key``."""
+    return {"state": {key[k]: v for k, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in saved["param_groups"]]}
+
+
+# --- sharded state: each rank writes its part with torch.distributed.checkpoint; loads resharded, or whole ---------------
+
+
+def save_sharded(module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Each rank writes its shards of the weights (an adapter's only) and of the optimizer state into ``directory``
+    (``torch.distributed.checkpoint``): nothing is gathered. Every rank must call it."""
+    options = StateDictOptions(ignore_frozen_params=is_adapter(module))
+    weights, moments = get_state_dict(module, inner_optimizer(optimizer), options=options)
+    dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=str(directory))
+
+
+def load_sharded(module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Load a ``save_sharded`` checkpoint into ``module`` and ``optimizer``, sharded over any number of processes
+    (torch.distributed.checkpoint reshards) or not sharded at all."""
+    options = StateDictOptions(ignore_frozen_params=is_adapter(module), strict=False)
+    weights, moments = get_state_dict(module, inner_optimizer(optimizer), options=options)
+    dcp.load({"model": weights, "optimizer": moments}, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
+    set_state_dict(module, inner_optimizer(optimizer), model_state_dict=weights, optim_state_dict=moments, options=options)
+
+
+def inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+

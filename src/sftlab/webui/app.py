@@ -1,30 +1,24 @@
 """The Gradio app behind ``sftlab webui``: data, train, chat, evaluate and export tabs over what the CLI verbs run.
 
-The form's defaults and help come from ``SFTConfig.model_fields`` (no second copy). Training runs as a detached
-``sftlab train CONFIG`` process (the UI never holds the training model); its state lives in a small JSON file under
-``$SFTLAB_CACHE/webui/jobs`` so a reopened page, or a restarted UI, finds the job again.
+The form's defaults and help come from ``SFTConfig.model_fields`` (no second copy). Training, evaluation and export
+run as ``sftlab`` child processes (``webui.jobs``); the chat tab holds the one model it talks to.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import html
-import json
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, get_args, get_origin
 
 from sftlab.config import SFTConfig, dump_config, load_config
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_write
-from sftlab.model.assets import cache_dir
+from sftlab.webui.jobs import Job, cli_run, job_state, latest_job, log_tail, start_job, stop_job
+from sftlab.webui.labels import LABELS, LANGUAGES
 
 # The keys the Train tab shows; every other key comes from the loaded YAML (or its default).
 FORM_KEYS = (
@@ -34,46 +28,7 @@ FORM_KEYS = (
     "logging_steps", "eval_steps", "save_steps", "output_dir", "overwrite_output_dir",
 )
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-LOG_TAIL_BYTES = 16_000
 TRAINED = "#b7e4c7"  # background of trained tokens in the preview
-
-
-# The UI's own words, one dict per language (config keys and their help stay as declared, in English).
-LABELS = {
-    "en": {
-        "tab_data": "Data", "tab_train": "Train", "tab_chat": "Chat", "tab_eval": "Evaluate", "tab_export": "Export",
-        "dataset": "dataset", "dataset_info": "A dataset_info.json name or a data file (empty: the Train tab's).",
-        "model": "model", "model_info": "Its tokenizer and chat template render the samples (empty: the Train tab's).",
-        "n": "samples to show", "check": "check", "stats": "stats", "preview": "preview",
-        "load_yaml": "load YAML", "load_yaml_info": "A training config; the form shows it, and keys not in the form keep its values.",
-        "load": "load", "save_to": "save YAML to", "preview_yaml": "preview YAML", "save_yaml": "save YAML",
-        "start": "start", "resume": "resume", "stop": "stop", "config": "config", "log": "log",
-        "which_info": "trained: the run's output_dir (adapter or model); base: model_name_or_path; export: export_dir (Export tab).",
-        "message": "message", "send": "send", "clear": "clear",
-        "eval_intro": "`sftlab eval` on the config's validation split (`val_size`), in a separate process.",
-        "generate": "generate and score", "baseline": "baseline", "baseline_info": "Also evaluate the base model and compare before → after.",
-        "evaluate": "evaluate", "output": "output",
-        "export_intro": "`sftlab export`: merge the run's LoRA adapter into the base weights, in a separate process.",
-        "export": "export",
-    },
-    "zh": {
-        "tab_data": "数据", "tab_train": "训练", "tab_chat": "对话", "tab_eval": "评估", "tab_export": "导出",
-        "dataset": "数据集", "dataset_info": "dataset_info.json 中的名称或数据文件（留空：使用训练页的设置）。",
-        "model": "模型", "model_info": "用它的分词器和对话模板渲染样本（留空：使用训练页的设置）。",
-        "n": "显示样本数", "check": "检查", "stats": "统计", "preview": "预览",
-        "load_yaml": "加载 YAML", "load_yaml_info": "训练配置文件；表单显示其内容，表单外的键保留文件中的值。",
-        "load": "加载", "save_to": "YAML 保存到", "preview_yaml": "预览 YAML", "save_yaml": "保存 YAML",
-        "start": "开始", "resume": "继续", "stop": "停止", "config": "配置", "log": "日志",
-        "which_info": "trained：本次运行的 output_dir（适配器或模型）；base：model_name_or_path；export：export_dir（导出页）。",
-        "message": "消息", "send": "发送", "clear": "清空",
-        "eval_intro": "在配置的验证集（`val_size`）上运行 `sftlab eval`（独立进程）。",
-        "generate": "生成并打分", "baseline": "基线", "baseline_info": "同时评估基础模型，并对比训练前后。",
-        "evaluate": "评估", "output": "输出",
-        "export_intro": "`sftlab export`：把 LoRA 适配器合并进基础权重（独立进程）。",
-        "export": "导出",
-    },
-}
-LANGUAGES = {"English": "en", "中文": "zh"}
 
 
 # -- the form: one declaration (SFTConfig) → widgets, YAML, overrides ------------------------------------
@@ -127,129 +82,7 @@ def resolve_config(yaml_path: str | None, values: dict[str, Any], **given: Any) 
     return load_config(path, form_overrides(values), **{k: v for k, v in given.items() if v not in (None, "")})
 
 
-# -- training jobs -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """A ``sftlab train`` process started from the UI, as its state file records it."""
-
-    output_dir: str  # absolute
-    config: str
-    log: str
-    pid: int
-    command: list[str]
-    started: float
-    returncode: int | None = None
-
-    @property
-    def state_file(self) -> Path:
-        return Path(self.config).parent / "job.json"
-
-    def save(self) -> None:
-        atomic_write(self.state_file, json.dumps(asdict(self), indent=1))
-
-
-def jobs_dir() -> Path:
-    return cache_dir() / "webui" / "jobs"
-
-
-def job_dir(output_dir: str | Path) -> Path:
-    """One folder per output_dir: the config the job ran, its log, job.json."""
-    key = str(Path(output_dir).resolve())
-    return jobs_dir() / (Path(key).name + "-" + hashlib.sha1(key.encode()).hexdigest()[:10])
-
-
-def latest_job() -> Job | None:
-    files = sorted(jobs_dir().glob("*/job.json"), key=lambda p: p.stat().st_mtime) if jobs_dir().is_dir() else []
-    return Job(**json.loads(files[-1].read_text(encoding="utf-8"))) if files else None
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is still a running sftlab process (not a zombie, not a reused pid)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        try:
-            os.kill(pid, 0)  # no /proc (macOS): existence only
-            return True
-        except OSError:
-            return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"sftlab" in cmdline
-
-
-def start_job(cfg: SFTConfig, resume: bool = False) -> Job:
-    """Start ``sftlab train`` on ``cfg`` in its own session (closing the browser or the UI does not stop it).
-
-    Raises SftlabError when a job for the same output_dir is still running.
-    """
-    folder = job_dir(cfg.output_dir)
-    if (folder / "job.json").is_file():
-        old = Job(**json.loads((folder / "job.json").read_text(encoding="utf-8")))
-        if alive(old.pid):
-            raise SftlabError(f"a run into {old.output_dir} is still going (pid {old.pid}); stop it first")
-    folder.mkdir(parents=True, exist_ok=True)
-    config = atomic_write(folder / "config.yaml", dump_config(cfg))
-    command = [sys.executable, "-m", "sftlab.cli", "train", str(config)] + (["resume_from_checkpoint=true"] if resume else [])
-    log_path = folder / "train.log"
-    with open(log_path, "ab") as log:
-        log.write(f"$ sftlab train {config}{' resume_from_checkpoint=true' if resume else ''}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    job = Job(str(Path(cfg.output_dir).resolve()), str(config), str(log_path), proc.pid, command, time.time())
-    job.save()
-
-    def record_exit() -> None:  # while this UI runs, the exit code is known; after a restart it is inferred
-        job.returncode = proc.wait()
-        job.save()
-
-    threading.Thread(target=record_exit, daemon=True).start()
-    return job
-
-
-def stop_job(job: Job) -> str:
-    """SIGTERM: training saves a checkpoint after the current step and exits 130."""
-    if not alive(job.pid):
-        return "not running"
-    os.kill(job.pid, signal.SIGTERM)
-    return f"sent SIGTERM to {job.pid}: saving a checkpoint, then stopping"
-
-
-def job_state(job: Job, records: list[dict]) -> str:
-    from sftlab.report.training_report import finished
-
-    if alive(job.pid):
-        return "running"
-    rc = job.returncode
-    if rc is None:  # started by an earlier UI process
-        return "finished" if finished(records) else "ended"
-    return {0: "finished", 130: "stopped (resumable)"}.get(rc, f"failed (exit {rc})")
-
-
-def log_tail(path: str | Path, size: int = LOG_TAIL_BYTES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - size))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def cli_run(verb: str, cfg: SFTConfig, args: list[str] = ()) -> Iterator[str]:
-    """``sftlab VERB CONFIG ARGS`` in a child process (the model is loaded there, not in the UI): its output so far,
-    growing line by line, then the exit code."""
-    folder = job_dir(cfg.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = atomic_write(folder / f"{verb}.yaml", dump_config(cfg))
-    text = f"$ sftlab {verb} {config} {' '.join(args)}\n"
-    yield text
-    with subprocess.Popen([sys.executable, "-m", "sftlab.cli", verb, str(config), *args], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            text += line
-            yield text
-    yield text + f"exit code {proc.returncode}" + (" (done)" if proc.returncode == 0 else " (failed)")
+# -- the Train tab's run view --------------------------------------------------------------------------
 
 
 def curves(records: list[dict]):
@@ -267,7 +100,7 @@ def curves(records: list[dict]):
 def _read_run(output_dir: str, stamp: tuple[int, int]) -> tuple[list[dict], str]:
     """(metrics records, the problem reading them); ``stamp`` (mtime, size) of metrics.jsonl keys the cache, so the
     page's once-a-second refresh reads the file again only when training wrote to it."""
-    from sftlab.report.diagnose import read_metrics
+    from sftlab.report.metrics import read_metrics
 
     metrics = Path(output_dir) / "metrics.jsonl"
     try:
@@ -319,29 +152,21 @@ def check_text(cfg: SFTConfig, max_errors: int = 20) -> str:
 
 
 def stats_markdown(cfg: SFTConfig) -> str:
-    from sftlab.data.pipeline import encode_options
-    from sftlab.data.sources import resolve_sources
-    from sftlab.data.stats import compute_stats
+    """``sftlab data stats``'s summary (no report written) as Markdown: the token table, the summary lines, the advice."""
+    from sftlab.data.stats import TABLE_COLUMNS, stats_for_config, summary_lines
     from sftlab.model.assets import resolve_model
     from sftlab.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg, resolve_model(cfg.model_name_or_path))
-    stats = compute_stats(resolve_sources(cfg.dataset, cfg.dataset_dir), tokenizer, cutoff_len=cfg.cutoff_len,
-                          options=encode_options(cfg, tokenizer), max_samples=cfg.max_samples)
-    s = stats.to_dict()
-    keys = ("min", "p50", "p90", "p95", "p99", "max", "mean")
-    lines = [f"{s['samples']:,} samples of {s['rows']:,} rows", "", "| tokens | " + " | ".join(keys) + " |",
-             "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(str(row[k]) for k in keys) + " |" for name, row in s["tokens"].items()]
-    cut = s["cutoff_for"]
-    lines += ["", f"smallest cutoff_len keeping 90/95/99/100 % whole: {cut['90']} / {cut['95']} / {cut['99']} / {cut['100']}",
-              "", f"**{s['over_cutoff']['advice']}**"]
-    return "\n".join(lines)
+    s = stats_for_config(cfg, load_tokenizer(cfg, resolve_model(cfg.model_name_or_path))).to_dict()
+    headline, *lines = summary_lines(s)
+    table = ["| tokens | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    table += [f"| {name} | " + " | ".join(str(row[k]) for k in TABLE_COLUMNS) + " |" for name, row in s["tokens"].items()]
+    return "\n".join([headline, "", *table, "", *(f"{line}  " for line in lines), "", f"**{s['over_cutoff']['advice']}**"])
 
 
 def preview_html(cfg: SFTConfig, n: int) -> str:
     """The first ``n`` samples as training sees them (``data preview``'s rows), trained tokens on a green background."""
-    from sftlab.data.pipeline import preview_rows
+    from sftlab.data.pipeline import preview_heading, preview_rows, preview_segments
     from sftlab.model.assets import resolve_model
     from sftlab.model.load import load_tokenizer
 
@@ -349,17 +174,10 @@ def preview_html(cfg: SFTConfig, n: int) -> str:
     warnings, rows = preview_rows(cfg, tokenizer, n)
     parts = [f"<p style='color:#b45309'>! {html.escape(w)}</p>" for w in warnings]
     for row in rows:
-        trained = sum(label != -100 for label in row["labels"])
-        parts.append(f"<h4>{html.escape(row['ref'])} · {html.escape(row['status'])} · {len(row['input_ids'])} tokens, {trained} trained</h4>")
+        parts.append(f"<h4>{html.escape(preview_heading(row))}</h4>")
         parts += [f"<p style='color:#b45309'>! {html.escape(w)}</p>" for w in row["warnings"]]
-        runs: list[tuple[bool, list[int]]] = []  # consecutive tokens with the same flag, decoded together
-        for tok, label in zip(row["input_ids"], row["labels"]):
-            if runs and runs[-1][0] == (label != -100):
-                runs[-1][1].append(tok)
-            else:
-                runs.append((label != -100, [tok]))
-        spans = "".join(f"<span class='trained' style='background:{TRAINED}'>{html.escape(tokenizer.decode(ids))}</span>" if flag
-                        else f"<span style='color:#666'>{html.escape(tokenizer.decode(ids))}</span>" for flag, ids in runs)
+        spans = "".join(f"<span class='trained' style='background:{TRAINED}'>{html.escape(text)}</span>" if trained
+                        else f"<span style='color:#666'>{html.escape(text)}</span>" for text, trained in preview_segments(row, tokenizer))
         parts.append(f"<pre class='sample' style='white-space:pre-wrap'>{spans}</pre>")
     return "\n".join(parts)
 
@@ -385,17 +203,14 @@ class Models:
         self._lock = threading.Lock()
 
     def get(self, trained, trust_remote_code: bool):
-        import torch
-
-        from sftlab.model.load import load_for_inference
+        from sftlab.infer.generate import load_trained
 
         with self._lock:
             weights = trained.adapter_dir or trained.model_dir  # retrained in place: load it again
             key = f"{trained.describe()} | {trained.template} | {max((p.stat().st_mtime_ns for p in weights.iterdir()), default=0)}"
             if key != self._key:
                 self._loaded = None  # free the previous one first
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-                self._loaded, self._key = load_for_inference(trained, device, trust_remote_code=trust_remote_code), key
+                self._loaded, self._key = load_trained(trained, trust_remote_code), key
             return self._loaded
 
 

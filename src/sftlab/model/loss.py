@@ -11,7 +11,8 @@ from sftlab.data.render import IGNORE_INDEX
 LOGITS_PER_CHUNK = 2**25  # logits held at once by the chunked loss (128 MiB in fp32): rows = this ÷ vocab
 
 
-def _base(model: torch.nn.Module) -> PreTrainedModel:
+def base_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model itself (inside a PEFT wrapper, its base)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -111,7 +112,7 @@ class TokenLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        base = _base(model)
+        base = base_model(model)
         cfg = base.config
         head = base.get_output_embeddings()
         plain_head = not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
@@ -119,7 +120,7 @@ class TokenLoss(torch.nn.Module):
                           and head.bias is None)
 
     def head_weight(self) -> torch.Tensor:
-        return _base(self.model).get_output_embeddings().weight
+        return base_model(self.model).get_output_embeddings().weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,7 +135,7 @@ class TokenLoss(torch.nn.Module):
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         if self.selective:
-            base = _base(self.model)
+            base = base_model(self.model)
             hidden = base.get_decoder()(**inputs).last_hidden_state
             loss_sum, stats = linear_cross_entropy(hidden[:, :-1][mask], self.head_weight(), targets[mask])
         else:

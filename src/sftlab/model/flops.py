@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sftlab.model.loss import base_model
+
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name fragment; fp32 runs use TF32 peaks.
 GPU_PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
                    "A10G": (125.0, 62.5), "L4": (121.0, 60.0), "4090": (165.0, 82.6), "3090": (71.0, 35.6)}
@@ -30,7 +32,7 @@ class FlopCounter:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> "FlopCounter":
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         cfg = base.config.get_text_config()
         head = base.get_output_embeddings()
         linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear) and m is not head]

@@ -1,0 +1,41 @@
+"""Facts about the device a run trains on: which precision it can compute in, and how much memory the run has used."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+from sftlab.config import SFTConfig
+from sftlab.errors import SftlabError
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 bf16 or AMX); elsewhere autocast would be slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def mixed_precision(cfg: SFTConfig) -> str:
+    """'no', 'bf16' or 'fp16'; raises SftlabError where the hardware cannot do what the config asks."""
+    cuda = torch.cuda.is_available()
+    if cfg.fp16 and not cuda:
+        raise SftlabError("fp16: true needs a CUDA GPU and none is visible; set fp16: false (or bf16: true on a CPU with AVX-512 bf16)")
+    if cfg.bf16:
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise SftlabError("bf16: true, but this GPU has no bfloat16; set bf16: false and fp16: true")
+        if not cuda and not cpu_supports_bf16():
+            raise SftlabError("bf16: true needs a GPU or a CPU with AVX-512 bf16 / AMX, and this machine has neither; set bf16: false (fp32)")
+        return "bf16"
+    return "fp16" if cfg.fp16 else "no"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak RSS elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
