@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -266,3 +268,11 @@ def test_read_metrics(tmp_path):
         read_metrics(path)
     with pytest.raises(SftlabError, match="cannot read"):
         read_metrics(tmp_path / "missing.jsonl")
+
+
+def test_reading_and_reporting_metrics_import_no_torch():
+    # sftlab report, --watch and the web UI's once-a-second refresh read metrics.jsonl: a second of imports each is not theirs to pay
+    code = ("import sys, sftlab.report.metrics, sftlab.report.training_report, sftlab.report.live; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

@@ -19,6 +19,7 @@ import yaml
 from sftlab.config import SFTConfig, load_config
 from sftlab.data.stats import Stats
 from sftlab.errors import SftlabError
+from sftlab.model.device import cpu_supports_bf16
 from sftlab.plan.estimate import GB, Estimate, ModelShape, Target, duration, estimate, max_batch, train_samples
 
 FULL_MIN_SAMPLES = 10_000  # below this, LoRA: small data moves few directions, and full tuning forgets more
@@ -129,7 +130,7 @@ def suggest(stats: Stats, shape: ModelShape, base: SFTConfig, target: Target) ->
     if cutoff > cap:
         cutoff, why = cap, f"the model's max_position_embeddings; {over(cap):.1%} of samples are longer (p99 {p99})"
 
-    cfg = base.model_copy(update={"cutoff_len": cutoff, "bf16": target.device == "cuda" or _cpu_bf16(), "fp16": False,
+    cfg = base.model_copy(update={"cutoff_len": cutoff, "bf16": target.device == "cuda" or cpu_supports_bf16(), "fp16": False,
                                   "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "val_size": val_size})
 
     def fitting(c: SFTConfig) -> tuple[int, int]:
@@ -236,12 +237,6 @@ def _packing_reason(packing: bool, single_turn: float, median: float, cutoff: in
     if median > cutoff / 4:
         return f"off: median {median:.0f} tokens is over cutoff_len/4: padding-free batches already compute no padding"
     return f"off: {n:,} samples are few; packing is commonly advised against in general"
-
-
-def _cpu_bf16() -> bool:
-    from sftlab.model.device import cpu_supports_bf16
-
-    return cpu_supports_bf16()
 
 
 def measure(cfg: SFTConfig, workers: int = 1, on_bytes: Callable[[int], None] | None = None) -> Stats:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftlab.errors import SftlabError
-from sftlab.model.flops import FlopCounter
+
+if TYPE_CHECKING:  # the report and the web UI read metrics without importing torch
+    from sftlab.model.flops import FlopCounter
 
 _TB_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
              "tokens_per_s": "train/tokens_per_s", "trained_tokens_per_s": "train/trained_tokens_per_s",
