@@ -105,3 +105,34 @@ def write_config(path: Path, **values) -> Path:
 
     path.write_text(yaml.safe_dump(values), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is several times faster than two fighting over shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def alpaca_rows_file(tmp_path_factory) -> Path:
+    """ALPACA_ROWS as an alpaca JSON file, one per test module."""
+    path = tmp_path_factory.mktemp("data") / "alpaca.json"
+    path.write_text(json.dumps(ALPACA_ROWS), encoding="utf-8")
+    return path
+
+
+def run_and_resume(train, tmp_path: Path, step: int, **common):
+    """(a run, the same run resumed from a copy of its checkpoint-``step`` alone), each the config ``train(path,
+    **values)`` trained; ``common`` goes to both."""
+    import shutil
+
+    full = train(tmp_path / "a", **common)
+    resumed = tmp_path / "b"
+    resumed.mkdir()
+    shutil.copytree(Path(full.output_dir) / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+    return full, train(tmp_path / "cfg-b", output_dir=str(resumed), resume_from_checkpoint=True, **common)

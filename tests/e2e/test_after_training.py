@@ -156,7 +156,7 @@ def test_training_writes_the_report_and_the_cli_renders_it_again(trained_run):
 def test_after_training_commands_name_what_is_missing(tmp_path, tiny_model_dir, alpaca_file):
     from sftlab.config import ConfigError
 
-    with pytest.raises(ConfigError, match="do_eval_baseline: true needs a validation split to evaluate on; set val_size"):
+    with pytest.raises(ConfigError, match="do_eval_baseline: true needs an evaluation set; set val_size"):
         load_config(None, [], model_name_or_path="m", dataset="d", do_eval_baseline=True)
     cfg = write_config(tmp_path / "c.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file),
                        output_dir=str(tmp_path / "never"), finetuning_type="lora")
@@ -175,4 +175,4 @@ def test_after_training_commands_name_what_is_missing(tmp_path, tiny_model_dir, 
 def test_eval_of_a_config_without_a_validation_split_asks_for_a_dataset(trained_run):
     cfg, _ = trained_run
     run = _cli("eval", str(cfg), "val_size=0", "do_eval_baseline=false")
-    assert run.returncode == 2 and "no validation split (val_size: 0); give --dataset to evaluate on" in run.stderr, run.stderr
+    assert run.returncode == 2 and "no evaluation set (val_size: 0 and no eval_dataset); give --dataset to evaluate on" in run.stderr, run.stderr

@@ -109,7 +109,7 @@ def test_padded_padding_free_and_packed_runs_train_the_same_step(tmp_path, tiny_
 
 
 def test_builtin_template_is_saved_with_the_model(tmp_path, tiny_model_dir, alpaca_file):
-    cfg = load_config(_config(tmp_path, tiny_model_dir, alpaca_file, template="default", max_steps=1))
+    cfg = load_config(_config(tmp_path, tiny_model_dir, alpaca_file, template="builtin:default", max_steps=1))
     out = run_training(cfg)
     from sftlab.data.templates import builtin_template
 

@@ -18,13 +18,7 @@ from sftlab.model.load import locate_trained
 PROMPTS = [[{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "你好，请介绍一下你自己。"}]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is several times faster than two fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

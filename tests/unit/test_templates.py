@@ -134,14 +134,16 @@ def test_every_builtin_is_prefix_stable_and_trains_exactly_the_answers(name, req
     assert "Hello!" in text and "4" in text and "Be brief" not in text and "Hi" not in text and "2+2" not in text
 
 
-def test_builtin_replaces_the_tokenizers_own_template_with_a_warning(smol_tokenizer, caplog):
+def test_builtin_prefix_replaces_the_tokenizers_own_template_with_a_warning(smol_tokenizer, caplog):
     from sftlab.data.templates import resolve_template
 
+    # template: llama3 (a LLaMA-Factory name) now means the tokenizer's own template; builtin:llama3 forces the built-in
     with caplog.at_level("WARNING"):
-        assert resolve_template("llama3", smol_tokenizer.chat_template) == builtin_template("llama3")
+        assert resolve_template("builtin:llama3", smol_tokenizer.chat_template) == builtin_template("llama3")
     assert "template: llama3 replaces the tokenizer's own chat template" in caplog.text
     caplog.clear()
     assert resolve_template(None, smol_tokenizer.chat_template) == smol_tokenizer.chat_template and not caplog.text
+    assert resolve_template("llama3", smol_tokenizer.chat_template) == smol_tokenizer.chat_template
 
 
 def test_bos_added_by_the_tokenizer_and_written_by_the_template_is_warned_about(llama3_tokenizer):

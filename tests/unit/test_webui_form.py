@@ -18,7 +18,7 @@ def test_form_widgets_show_the_declared_defaults_and_help():
     for key in FORM_KEYS:
         field, widget = SFTConfig.model_fields[key], widgets[f"f_{key}"]
         assert widget.info == field.description, key
-        assert widget.value == shown(None if field.is_required() else field.default), key
+        assert widget.value == shown(None if field.is_required() else field.get_default(call_default_factory=True)), key
     assert isinstance(widgets["f_finetuning_type"], gr.Dropdown) and [c[0] for c in widgets["f_finetuning_type"].choices] == ["lora", "full", "freeze"]
     assert isinstance(widgets["f_bf16"], gr.Checkbox) and widgets["f_bf16"].value is False
     assert form_field("learning_rate").default == SFTConfig.model_fields["learning_rate"].default
@@ -46,3 +46,12 @@ def test_a_public_host_needs_auth():
 
 def test_every_label_has_both_languages():
     assert LABELS["en"].keys() == LABELS["zh"].keys() and all(LABELS["zh"].values())
+
+
+def test_a_llamafactory_yaml_fills_the_form(monkeypatch):
+    """The Train tab takes LLaMA-Factory's own example YAML as its config file (its foreign keys have no effect)."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).parents[1] / "fixtures" / "llamafactory")
+    cfg = resolve_config("examples/train_lora/qwen3_lora_sft.yaml", {"learning_rate": "3e-4"})
+    assert (cfg.template, cfg.lora_rank, cfg.dataset, cfg.learning_rate) == ("qwen3_nothink", 8, ["identity", "alpaca_en_demo"], 3e-4)

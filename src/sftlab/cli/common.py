@@ -14,7 +14,7 @@ from sftlab.errors import SftlabError
 DATA_DIR_HELP = "Folder with dataset_info.json, for dataset names (paths work without it)."
 MODEL_HELP = "Model directory, .gguf, Hub id, or a training output_dir (a LoRA output_dir brings its base model)."
 ADAPTER_HELP = "A LoRA adapter directory to load on top of the model (its saved chat template is used)."
-TEMPLATE_HELP = "Built-in chat template replacing the tokenizer's own."
+TEMPLATE_HELP = "Chat template: a LLaMA-Factory name means the tokenizer's own (else its built-in equivalent); builtin:NAME replaces the tokenizer's own."
 
 
 @contextmanager
@@ -67,7 +67,7 @@ def inference_config(config: Optional[Path], args: Optional[list[str]], model: O
     if config is None:
         if model is None:
             raise SftlabError("give a training config, or the model with --model (and --adapter)")
-        cfg = load_config(None, overrides, model_name_or_path=model, dataset=given.pop("dataset", None) or ["-"], **given)
+        cfg = load_config(None, overrides, model_name_or_path=model, dataset=given.pop("dataset", None), **given)
         return cfg, locate_trained(model, adapter, template)
     cfg = load_config(config, overrides, **given)
     if model is not None or adapter is not None:

@@ -109,7 +109,7 @@ def data_stats(
                                                help="Dataset names or data files; with --config: key=value overrides of it."),
     model: Optional[str] = typer.Option(None, "--model", help="Model directory, .gguf or Hub id: its tokenizer and chat template render the samples."),
     config: Optional[Path] = typer.Option(None, "--config", help="A training config: model, template, dataset, dataset_dir and cutoff_len come from it."),
-    template: Optional[str] = typer.Option(None, "--template", help="Built-in chat template replacing the tokenizer's own (training's template key)."),
+    template: Optional[str] = typer.Option(None, "--template", help="Chat template, as training's template key: a LLaMA-Factory name (the tokenizer's own, else a built-in equivalent) or builtin:NAME (replaces it)."),
     cutoff_len: Optional[int] = typer.Option(None, "--cutoff-len", min=8, help="Count the samples over this many tokens (default: 2048, or the config's)."),
     dataset_dir: Optional[str] = typer.Option(None, "--dataset-dir", help=DATA_DIR_HELP),
     output: Path = typer.Option(Path("data_stats"), "-o", "--output", help="Folder for stats.html, its plots (PNG) and stats.json."),

@@ -34,8 +34,8 @@ def eval_command(
                   per_device_eval_batch_size=batch_size, adapter=adapter, template=template)
     cfg, trained = inference_config(config, args, model, **values)
     validation = config is not None and not dataset
-    if validation and cfg.val_size <= 0:
-        raise SftlabError(f"{config}: no validation split (val_size: 0); give --dataset to evaluate on")
+    if validation and cfg.val_size <= 0 and not cfg.eval_dataset:
+        raise SftlabError(f"{config}: no evaluation set (val_size: 0 and no eval_dataset); give --dataset to evaluate on")
     from sftlab.evaluate.runs import evaluate_runs
 
     out = output or (Path(cfg.output_dir) / "eval" if config else Path("eval_results"))

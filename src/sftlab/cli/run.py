@@ -25,8 +25,12 @@ def train(
     """Fine-tune a model as the config says; writes checkpoints, metrics and the result to output_dir."""
     from sftlab.config import load_config
 
+    from sftlab.evaluate.workflow import check_steps, data_to_read
+
     cfg = load_config(config, overrides or [])  # checked once, before any process starts (and before torch is imported)
-    resolve(cfg.dataset, cfg.dataset_dir)  # the data files exist, dataset_info.json names them: said before the slow imports
+    check_steps(cfg)  # train / predict keys that cannot go together
+    for names in data_to_read(cfg):  # the data files exist, dataset_info.json names them: said before the slow imports
+        resolve(names, cfg.dataset_dir)
     from sftlab.train.checkpoint import find_checkpoint
     from sftlab.train.deepspeed import check_deepspeed
     from sftlab.train.launch import launched, run_launcher, torchrun_command

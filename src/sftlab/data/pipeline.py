@@ -1,21 +1,28 @@
-"""Build the tokenized train / validation datasets for a config: load → rows to messages → encode → split.
+"""Build the tokenized train / validation datasets for a config: load → rows to messages → encode → mix → split.
 
 Every step after loading is a ``datasets.map`` over Arrow data; per-sample outcomes (kept, turns
-dropped, too long, not prefix-stable, nothing to train) are counted and the first few named.
+dropped, too long, not prefix-stable, nothing to train) are counted and the first few named. Each source is
+encoded (and cached) on its own; several are then concatenated or interleaved (``mix_strategy``). With
+``tokenized_path`` the encoded sets are saved once and later runs load them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import json
 import logging
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+import numpy as np
 import pyarrow.compute as pc
 import xxhash
 from datasets.fingerprint import Hasher
@@ -29,8 +36,11 @@ from sftlab.data.render import (
     IGNORE_INDEX, KEPT, TOO_LONG, TRAINED_STATUSES, TURNS_DROPPED, VIEW, Encoded, apply_thinking, encode_sample, encode_text, end_of_turn_token,
     render, renders_reasoning_content, tokenize_rendered, renders_tools, template_warnings, with_default_system,
 )
-from sftlab.data.sources import Source, format_of, load_source, resolve_sources
+from sftlab.data.sources import (
+    STOPPING, TOKENIZED_MANIFEST, Source, dataset_names, format_of, interleave_probs, load_source, resolve_sources, saved_tokenized,
+)
 from sftlab.errors import SftlabError
+from sftlab.files import fsync_tree, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +103,12 @@ class DataReport:
 
 @dataclass
 class Data:
-    train: datasets.Dataset  # columns: input_ids, labels
-    eval: datasets.Dataset | None
+    train: datasets.Dataset | None  # columns: input_ids, labels; None when only eval_dataset was named (nothing to train)
+    eval: datasets.Dataset | None  # the eval_dataset, else the val_size split; None when neither
     report: DataReport
     eval_refs: list[str] = field(default_factory=list)  # the validation samples' rows ("<dataset> sample <i>"), for generation
     pad_id: int = 0  # the token padded batches are padded with (the tokenizer's pad token)
+    eval_names: list[str] = field(default_factory=list)  # the datasets eval_refs are rows of (eval_dataset, else dataset)
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,7 @@ def _encode_batch(
     batch: dict[str, list], indices: list[int], *, spec: FormatSpec, name: str, tokenizer: PreTrainedTokenizerBase,
     options: EncodeOptions,
 ) -> dict[str, list]:
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": [], "problems": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "detail": [], "ref": [], "row": [], "problems": []}
     keys = list(batch)
     rows = [{k: batch[k][j] for k in keys} for j in range(len(indices))]
     for row, index, result in zip(rows, indices, encode_rows(rows, spec, tokenizer, options)):
@@ -190,6 +201,7 @@ def _encode_batch(
             out["status"].append(status)
             out["detail"].append(detail)
             out["ref"].append(ref)
+            out["row"].append(index)  # the source row: interleaving draws whole rows (a sample and its views)
             out["problems"].append(problems if k == 0 else "")  # once per row, not per view
     return out
 
@@ -246,37 +258,175 @@ def no_tokenizer_threads_in_forks() -> None:
 def build_data(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
     """Tokenized train and validation sets for ``cfg``, with a report of what was left out.
 
-    Raises SftlabError for any malformed row (naming the first), or when nothing is left to train.
+    The validation set is ``eval_dataset`` when set, else a ``val_size`` split of ``dataset``; ``dataset`` may be
+    empty when ``eval_dataset`` is set (train is then None). A ``tokenized_path`` that holds saved sets is loaded
+    instead (refused when it was encoded otherwise); an empty or new one gets this run's sets.
+    Raises SftlabError for any malformed row (naming the first), bad mixing keys, or when nothing is left to train.
     """
     options = encode_options(cfg, tokenizer)
     if cfg.stage == "sft":
         for warning in template_warnings(tokenizer, options.eot):
             log.warning(warning)
-    parts = [encode_source(cfg, tokenizer, s, options) for s in resolve_sources(cfg.dataset, cfg.dataset_dir)]
-    encoded = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    saved = saved_tokenized(cfg.tokenized_path)
+    if saved is not None:
+        return load_tokenized(saved, cfg, tokenizer, options)
+    eval_names = dataset_names(cfg.eval_dataset)
+    if eval_names and cfg.val_size > 0:
+        raise SftlabError("eval_dataset and val_size are both set: eval_dataset is the evaluation set; remove val_size "
+                          "(or eval_dataset to split dataset instead), as LLaMA-Factory requires")
+    report = DataReport()
+    train = _encoded_set(cfg, tokenizer, cfg.dataset, "dataset", options, report) if cfg.dataset or not eval_names else None
+    val = _encoded_set(cfg, tokenizer, eval_names, "eval_dataset", options, report) if eval_names else None
+    if train is not None and not len(train):
+        raise SftlabError("no sample is left to train on: " + " ".join(report.lines()[1:]).strip())
+    if val is not None and not len(val):
+        raise SftlabError("no sample of eval_dataset is left to evaluate on: " + " ".join(report.lines()[1:]).strip())
+    for part in (train, val):
+        if part is not None:
+            _count_tokens(part, report)
+    if val is None:
+        train, val = _split(train, cfg.val_size, cfg.seed)
+    eval_refs = [] if val is None else list(dict.fromkeys(r for r, s in zip(val["ref"], val["status"]) if s != VIEW))
+    train, val = (None if d is None else d.select_columns(["input_ids", "labels"]) for d in (train, val))
+    report.cutoff_len, report.n_train = cfg.cutoff_len, len(train) if train is not None else 0
+    report.n_eval = len(val) if val is not None else 0
+    data = Data(train, val, report, eval_refs, tokenizer.pad_token_id, eval_names or list(cfg.dataset))
+    if cfg.tokenized_path is not None:
+        save_tokenized(Path(cfg.tokenized_path).expanduser(), data, cfg, tokenizer, options)
+    return data
 
+
+def _encoded_set(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, names: list[str], key: str, options: EncodeOptions,
+                 report: DataReport) -> datasets.Dataset:
+    """The datasets ``names`` (the config's ``key``) encoded source by source, mixed by mix_strategy and counted into
+    ``report``: the rows training trains, with columns input_ids, labels, ref, status."""
+    sources = resolve_sources(names, cfg.dataset_dir)
+    # LLaMA-Factory checks the probabilities against both lists; one evaluation dataset has nothing to mix
+    probs = interleave_probs(cfg, len(sources), key) if key == "dataset" or len(sources) > 1 else None
+    parts = [encode_source(cfg, tokenizer, s, options) for s in sources]
+    _raise_errors(parts)
+    encoded = _mix(parts, cfg, probs)
     # Statuses are counted in Arrow; only the few named problem rows are read into Python.
     status = encoded.data.column("status")
-    report = DataReport(Counter({c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(status)}))
-    if report.counts[ERROR]:
-        first = encoded[pc.index(status, ERROR).as_py()]
-        more = f" (and {report.counts[ERROR] - 1} more)" if report.counts[ERROR] > 1 else ""
-        raise SftlabError(f"{first['ref']}: {first['detail']}{more}; fix or remove the sample")
-    for name in report.counts:
+    counts = Counter({c["values"].as_py(): c["counts"].as_py() for c in pc.value_counts(status)})
+    report.counts.update(counts)
+    for name in counts:
         if name not in (KEPT, VIEW):
             for i in pc.indices_nonzero(pc.equal(status, name))[:_NAMED].to_pylist():
                 report.name(name, encoded[i]["ref"], encoded[i]["detail"])
     _count_problems(encoded, report)
+    return encoded.filter(lambda s: s in TRAINED_STATUSES, input_columns="status").select_columns(["input_ids", "labels", "ref", "status"])
 
-    if not any(report.counts[s] for s in TRAINED_STATUSES):
-        raise SftlabError("no sample is left to train on: " + " ".join(report.lines()[1:]).strip())
-    trained = encoded.filter(lambda s: s in TRAINED_STATUSES, input_columns="status").select_columns(["input_ids", "labels", "ref", "status"])
-    _count_tokens(trained, report)
-    train, val = _split(trained, cfg.val_size, cfg.seed)
-    eval_refs = [] if val is None else list(dict.fromkeys(r for r, s in zip(val["ref"], val["status"]) if s != VIEW))
-    train, val = (None if d is None else d.select_columns(["input_ids", "labels"]) for d in (train, val))
-    report.cutoff_len, report.n_train, report.n_eval = cfg.cutoff_len, len(train), len(val) if val is not None else 0
-    return Data(train, val, report, eval_refs, tokenizer.pad_token_id)
+
+def _raise_errors(parts: list[datasets.Dataset]) -> None:
+    """SftlabError naming the first malformed row of any source (mixing may leave it out; it is still a data error)."""
+    counts = [pc.sum(pc.equal(p.data.column("status"), ERROR)).as_py() or 0 for p in parts]
+    if not sum(counts):
+        return
+    part = next(p for p, n in zip(parts, counts) if n)
+    first = part[pc.index(part.data.column("status"), ERROR).as_py()]
+    more = f" (and {sum(counts) - 1} more)" if sum(counts) > 1 else ""
+    raise SftlabError(f"{first['ref']}: {first['detail']}{more}; fix or remove the sample")
+
+
+def _mix(parts: list[datasets.Dataset], cfg: SFTConfig, probs: list[float] | None) -> datasets.Dataset:
+    """Several encoded sources as one: concatenated, or interleaved as ``datasets.interleave_datasets`` interleaves
+    their rows (LLaMA-Factory's merge_dataset), seeded by ``seed``."""
+    if len(parts) == 1:
+        return parts[0]
+    if cfg.mix_strategy == "concat":
+        return datasets.concatenate_datasets(parts)
+    order = interleaved_rows(parts, probs, cfg.seed, STOPPING[cfg.mix_strategy])
+    # flattened, so that the Arrow-level counting below sees the mix (a select only adds an indices mapping)
+    return datasets.concatenate_datasets(parts).select(order).flatten_indices()
+
+
+def interleaved_rows(parts: list[datasets.Dataset], probs: list[float] | None, seed: int, stopping: str) -> list[int]:
+    """The rows of the concatenated encoded ``parts`` in the order ``datasets.interleave_datasets(probabilities=probs,
+    seed=seed, stopping_strategy=stopping)`` draws their source rows: the order, and the lengths, LLaMA-Factory gets by
+    interleaving the raw rows before encoding. Each drawn row brings all its encoded rows (a sample and its views)."""
+    starts, ends, counts, offset = [], [], [], 0
+    for part in parts:
+        rows = np.asarray(part.with_format("numpy")["row"], dtype=np.int64)
+        n = int(rows.max()) + 1 if len(rows) else 0
+        starts.append(offset + np.searchsorted(rows, np.arange(n), "left"))
+        ends.append(offset + np.searchsorted(rows, np.arange(n), "right"))
+        counts.append(n)
+        offset += len(part)
+    index = [datasets.Dataset.from_dict({"source": [k] * n, "row": list(range(n))}) for k, n in enumerate(counts)]
+    drawn = datasets.interleave_datasets(index, probabilities=probs, seed=seed, stopping_strategy=stopping)
+    flat = np.cumsum([0, *counts[:-1]])[np.asarray(drawn["source"], dtype=np.int64)] + np.asarray(drawn["row"], dtype=np.int64)
+    first, last = np.concatenate(starts)[flat], np.concatenate(ends)[flat]
+    lengths = last - first
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    return (np.repeat(first - before, lengths) + np.arange(int(lengths.sum()))).tolist()
+
+
+# ---------------------------------------------------------------- tokenized_path
+
+_DATA_KEYS = ("dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size", "mix_strategy", "interleave_probs")
+_FORMAT = 1
+
+
+def encoded_with(tokenizer: PreTrainedTokenizerBase, options: EncodeOptions) -> dict[str, Any]:
+    """What the saved sets of a tokenized_path depend on: the tokenizer (its vocabulary and special tokens), the chat
+    template and every encoding option. A run loads them only when all of these are its own."""
+    vocab = json.dumps([sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.all_special_tokens))], ensure_ascii=False)
+    return {"tokenizer": xxhash.xxh3_64_hexdigest(vocab.encode("utf-8")),
+            "chat_template": xxhash.xxh3_64_hexdigest(str(tokenizer.chat_template or "").encode("utf-8")),
+            **dataclasses.asdict(options)}
+
+
+def save_tokenized(path: Path, data: Data, cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, options: EncodeOptions) -> None:
+    """Save ``data`` into ``path`` (a DatasetDict of train and validation, and TOKENIZED_MANIFEST): written into a
+    directory beside it and renamed into place, so ``path`` is never half-written. Another process that saved first wins."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits = {name: ds for name, ds in (("train", data.train), ("validation", data.eval)) if ds is not None}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp))
+    manifest = {"format": _FORMAT, "encoded_with": encoded_with(tokenizer, options), "code": encoding_code_version(),
+                "data": {key: getattr(cfg, key) for key in _DATA_KEYS}, "report": {f.name: getattr(data.report, f.name) for f in dataclasses.fields(DataReport)},
+                "eval_refs": data.eval_refs, "eval_names": data.eval_names}
+    (tmp / TOKENIZED_MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
+    fsync_tree(tmp)
+    if saved_tokenized(str(path)) is not None:  # another process of the run saved the same sets meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    replace_dir(tmp, path)  # an empty directory there is moved aside
+    log.info("saved the encoded sets to tokenized_path %s: runs with it load them instead of reading the data", path)
+
+
+def load_tokenized(path: Path, cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, options: EncodeOptions) -> Data:
+    """The sets ``save_tokenized`` saved in ``path``. Raises SftlabError naming what differs when they were encoded
+    with another tokenizer, chat template or encoding option (cutoff_len, masking, …): training on them would
+    silently train other tokens. Data keys that differ (dataset, val_size, …) are named in a warning: they have no
+    effect, as in LLaMA-Factory."""
+    try:
+        manifest = json.loads((path / TOKENIZED_MANIFEST).read_text(encoding="utf-8"))
+        saved = manifest["encoded_with"]
+    except (ValueError, KeyError, TypeError):
+        raise SftlabError(f"tokenized_path {path}: {TOKENIZED_MANIFEST} is not what sftlab writes; delete the directory "
+                          "to encode the data again") from None
+    for key, value in encoded_with(tokenizer, options).items():
+        if saved.get(key) != value:
+            what = {"tokenizer": "another tokenizer (vocabulary or special tokens)",
+                    "chat_template": "another chat template (template, or the tokenizer's own)"}
+            differs = what.get(key) or f"{key} {saved.get(key)!r} (this run: {value!r})"
+            raise SftlabError(f"tokenized_path {path} was encoded with {differs}; its samples are not what this run would "
+                              "train: delete it or set tokenized_path to a new directory to encode again")
+    if manifest.get("code") != encoding_code_version():
+        log.warning("tokenized_path %s was encoded by another version of sftlab's encoding code; delete it to encode "
+                    "the data as this version does", path)
+    ignored = [key for key in _DATA_KEYS if manifest.get("data", {}).get(key) != json.loads(json.dumps(getattr(cfg, key)))]
+    if ignored:
+        log.warning("tokenized_path %s holds sets saved with other %s; those keys have no effect while it is loaded "
+                    "(set tokenized_path to a new directory to encode them)", path, ", ".join(ignored))
+    loaded = datasets.load_from_disk(str(path))
+    report = manifest["report"]
+    report = DataReport(**{**report, "counts": Counter(report["counts"]), "problems": Counter(report["problems"])})
+    log.info("loaded the encoded sets from tokenized_path %s (the data files are not read)", path)
+    return Data(loaded["train"] if "train" in loaded else None, loaded["validation"] if "validation" in loaded else None,
+                report, manifest["eval_refs"], tokenizer.pad_token_id, manifest["eval_names"])
 
 
 def _count_problems(encoded: datasets.Dataset, report: DataReport) -> None:

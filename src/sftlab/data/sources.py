@@ -12,10 +12,15 @@ from pathlib import Path
 
 import datasets
 
+from sftlab.config import SFTConfig
 from sftlab.data.formats import FORMATS, FormatSpec, detect_format
 from sftlab.errors import SftlabError
 
-_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}  # .txt: one text per line (stage pt)
+TOKENIZED_MANIFEST = "sftlab_tokenized.json"  # in a tokenized_path directory: what encoded the sets saved beside it
+# mix_strategy → datasets.interleave_datasets' stopping_strategy (LLaMA-Factory's mapping)
+STOPPING = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted",
+            "interleave_once": "all_exhausted_without_replacement"}
 
 
 @dataclass
@@ -29,7 +34,9 @@ class Source:
 
 
 def resolve_sources(names: list[str], dataset_dir: str) -> list[Source]:
-    """Dataset names → sources. Raises SftlabError for an unknown name or a bad dataset_info.json entry."""
+    """Dataset names → sources. Raises SftlabError for none, an unknown name or a bad dataset_info.json entry."""
+    if not names:  # a config without data is fine for chat and export; whatever reads data needs some
+        raise SftlabError("dataset is empty: name a dataset from dataset_info.json or a data file (dataset: in the config)")
     info_path = Path(dataset_dir) / "dataset_info.json"
     info: dict | None = None
     sources = []
@@ -46,6 +53,52 @@ def resolve_sources(names: list[str], dataset_dir: str) -> list[Source]:
             raise SftlabError(f"dataset '{name}': not in {info_path} (it has: {known}) and no such file")
         sources.append(_from_info(name, info[name], Path(dataset_dir), info_path))
     return sources
+
+
+def dataset_names(value: str | list[str] | None) -> list[str]:
+    """A dataset key's value (names or paths, comma-separated, or a list) as a list of names."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    return [s.strip() for s in items if s.strip()]
+
+
+def interleave_probs(cfg: SFTConfig, count: int, key: str) -> list[float] | None:
+    """``interleave_probs`` as the probabilities of the ``count`` datasets named by ``key`` (dataset or eval_dataset);
+    None when unset. Raises SftlabError (naming the key) for a value that is not one number per dataset, a negative
+    one, a sum that is not 1, or probabilities with mix_strategy: concat."""
+    if cfg.interleave_probs is None:
+        return None
+    if cfg.mix_strategy == "concat":
+        raise SftlabError("interleave_probs is set but mix_strategy is concat (concatenation draws no samples); set "
+                          "mix_strategy: interleave_under or interleave_over, or remove interleave_probs")
+    raw = cfg.interleave_probs.split(",") if isinstance(cfg.interleave_probs, str) else cfg.interleave_probs
+    try:
+        probs = [float(p) for p in raw]
+    except ValueError:
+        raise SftlabError(f"interleave_probs {cfg.interleave_probs!r}: not numbers; give one probability per dataset, "
+                          "e.g. 0.7,0.3") from None
+    if len(probs) != count:
+        raise SftlabError(f"interleave_probs has {len(probs)} value(s) for {count} dataset(s) in {key}; give one "
+                          "probability per dataset, in the same order")
+    if any(not p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+        raise SftlabError(f"interleave_probs {probs}: each must be >= 0 and together they must sum to 1 (they sum to "
+                          f"{sum(probs):g})")
+    return probs
+
+
+def saved_tokenized(tokenized_path: str | None) -> Path | None:
+    """The ``tokenized_path`` directory when it holds the sets a run saved there; None when it is unset, missing or
+    empty (a run then saves its sets there). Raises SftlabError for a directory that holds anything else."""
+    if tokenized_path is None:
+        return None
+    path = Path(tokenized_path).expanduser()
+    if (path / TOKENIZED_MANIFEST).is_file():
+        return path
+    if path.is_dir() and any(path.iterdir()) or path.is_file():
+        raise SftlabError(f"tokenized_path {path}: holds no data saved by sftlab ({TOKENIZED_MANIFEST} is missing), so it "
+                          "cannot be checked against this tokenizer and template; point tokenized_path at a new or empty directory")
+    return None
 
 
 def read_dataset_info(info_path: Path) -> dict:
@@ -85,12 +138,12 @@ def _data_files(path: Path, what: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in _LOADERS)
         if not files:
-            raise SftlabError(f"{what}: folder {path} has no .json, .jsonl, .csv or .parquet files")
+            raise SftlabError(f"{what}: folder {path} has no .json, .jsonl, .csv, .parquet or .txt files")
         return files
     if not path.is_file():
         raise SftlabError(f"{what}: {path} not found; check the path (relative paths start at the working directory)")
     if path.suffix not in _LOADERS:
-        raise SftlabError(f"{what}: {path} is not .json, .jsonl, .csv or .parquet")
+        raise SftlabError(f"{what}: {path} is not .json, .jsonl, .csv, .parquet or .txt")
     return [path]
 
 
@@ -142,6 +195,11 @@ def _raise_parse_error(path: Path) -> None:
 def format_of(source: Source, ds: datasets.Dataset) -> FormatSpec:
     """The source's declared format, or the one its columns show; checks required columns exist."""
     spec = source.spec or detect_format(ds.column_names, ds[0])
+    if (spec is not None and spec.formatting == "alpaca" and spec.columns["response"] not in ds.column_names
+            and spec.columns["prompt"] in ds.column_names):
+        # LLaMA-Factory registers plain text for stage pt as alpaca data with only a prompt column (its c4_demo and
+        # wiki_demo: "columns": {"prompt": "text"}): that column is the text
+        spec = FormatSpec("text", {"prompt": spec.columns["prompt"]})
     if spec is None:
         raise SftlabError(
             f"{source.files[0]}: unknown data format (columns: {', '.join(ds.column_names)}); expected alpaca "

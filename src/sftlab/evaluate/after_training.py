@@ -1,5 +1,6 @@
-"""After training: the trained (or, before the first step, the base) model evaluated on the run's validation
-split, the before → after comparison, and the run's report with its diagnosis, all into the output_dir."""
+"""After training: the trained (or, before the first step, the base) model evaluated on the run's evaluation set
+(eval_dataset, else the validation split), the before → after comparison, and the run's report with its diagnosis,
+all into the output_dir."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 from sftlab.config import SFTConfig
+from sftlab.data.sources import dataset_names
 from sftlab.evaluate.compare import format_change
 from sftlab.evaluate.comparison import compare_dirs
 from sftlab.evaluate.run import evaluate, samples_from_refs
@@ -26,16 +28,18 @@ def write_report(out: Path) -> None:
     log.info("report: %s", files[-1])
 
 
-def evaluate_split(cfg: SFTConfig, model, tokenizer, refs: list[str], out_dir: Path, baseline: bool, write: bool = True) -> None:
-    """Evaluate ``model`` (the base before training, the result after) on the validation split into ``out_dir``
+def evaluate_split(cfg: SFTConfig, model, tokenizer, names: list[str], refs: list[str], out_dir: Path, baseline: bool,
+                   write: bool = True) -> None:
+    """Evaluate ``model`` (the base before training, the result after) on the evaluation set, the rows ``refs`` of the
+    datasets ``names`` (``Data.eval_names``: eval_dataset, else dataset's val_size split), into ``out_dir``
     (``write=False``: a rank that takes part in a sharded evaluation writes nothing)."""
-    log.info("evaluating the %s model on the %d validation samples…", "base" if baseline else "trained", len(refs))
+    log.info("evaluating the %s model on the %d evaluation samples…", "base" if baseline else "trained", len(refs))
     started = time.perf_counter()
     lora = cfg.finetuning_type == "lora"
     name, adapter = (cfg.model_name_or_path, None) if baseline else (cfg.model_name_or_path, cfg.output_dir) if lora else (cfg.output_dir, None)
     results, predictions = evaluate(
-        model, tokenizer, samples_from_refs(cfg.dataset, cfg.dataset_dir, refs), cfg, model_name=name, adapter=adapter,
-        datasets=[f"{', '.join(cfg.dataset)} (validation split)"], with_generation=cfg.predict_with_generate,
+        model, tokenizer, samples_from_refs(names, cfg.dataset_dir, refs), cfg, model_name=name, adapter=adapter,
+        datasets=[eval_set_label(cfg, names)], with_generation=cfg.predict_with_generate,
         scorers=cfg.eval_scorers, batch_size=cfg.per_device_eval_batch_size)
     if not write:
         return
@@ -45,6 +49,11 @@ def evaluate_split(cfg: SFTConfig, model, tokenizer, refs: list[str], out_dir: P
 
 
 _HEADLINE = ("eval_loss", "exact_match", "rouge-l")
+
+
+def eval_set_label(cfg: SFTConfig, names: list[str]) -> str:
+    """How eval_results.json names the evaluation set: the eval_dataset names, or dataset's "(validation split)"."""
+    return ", ".join(names) + ("" if dataset_names(cfg.eval_dataset) else " (validation split)")
 
 
 def before_after(out: Path) -> None:

@@ -27,7 +27,7 @@ from sftlab.data.render import TRAINED_STATUSES, split_reasoning, with_default_s
 from sftlab.data.rows import prompt_and_answer
 from sftlab.data.sources import format_of, load_source, resolve_sources
 from sftlab.errors import SftlabError
-from sftlab.evaluate.metrics import fit_latency, score
+from sftlab.evaluate.metrics import Scores, fit_latency, score
 from sftlab.evaluate.results import EvalResults, Prediction
 from sftlab.infer.generate import GenerationSettings, generate, prompt_ids
 from sftlab.model.loss import TokenLoss
@@ -140,6 +140,24 @@ def predict(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, asked: S
     return generate(model, tokenizer, prompts, settings, batch_size, on_batch)
 
 
+def answer_and_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample], cfg: SFTConfig,
+                     settings: GenerationSettings, scorers: Sequence[str] = (), batch_size: int = 16,
+                     on_batch: Callable[[int], None] | None = None) -> tuple[list[Question], list[str], Scores]:
+    """The last answer of each sample generated and scored against its reference: (the questions asked, the answers,
+    their scores). Samples that cannot be read are left out (the first three named in the log)."""
+    asked, skipped = questions(samples, cfg.default_system)
+    for ref, reason in skipped[:3]:
+        log.warning("%s: left out of generation (%s)", ref, reason)
+    answers = predict(model, tokenizer, asked, settings, batch_size, template_kwargs(cfg), on_batch)
+    scored = score([answer_part(a) for a in answers], [q.reference for q in asked], scorers, [q.sample.ref for q in asked])
+    return asked, answers, scored
+
+
+def template_kwargs(cfg: SFTConfig) -> dict:
+    """Variables the chat template gets at generation, as at training (enable_thinking)."""
+    return {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+
+
 # ---------------------------------------------------------------- the whole evaluation
 
 
@@ -158,12 +176,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples
         predictions: list[Prediction] = []
         settings = settings or GenerationSettings.from_config(cfg)
         if with_generation:
-            asked, skipped = questions(samples, cfg.default_system)
-            for ref, reason in skipped[:3]:
-                log.warning("%s: left out of generation (%s)", ref, reason)
-            kwargs = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
-            answers = predict(model, tokenizer, asked, settings, batch_size, kwargs, on_batch)
-            scored = score([answer_part(a) for a in answers], [q.reference for q in asked], scorers, [q.sample.ref for q in asked])
+            asked, answers, scored = answer_and_score(model, tokenizer, samples, cfg, settings, scorers, batch_size, on_batch)
             metrics.update(scored.corpus)
             predictions = [Prediction(i, q.sample.ref, q.prompt_text, q.reference, a, s)
                            for i, (q, a, s) in enumerate(zip(asked, answers, scored.per_sample))]

@@ -32,11 +32,13 @@ class EvalRun:
 
 
 def eval_samples(cfg: SFTConfig, trained: Trained, validation: bool, max_samples: int | None = None) -> tuple[list[Sample], list[str]]:
-    """(samples, dataset names): the validation split training held out of cfg.dataset (``validation``; rebuilt with
-    ``trained``'s tokenizer, as training split it), else at most ``max_samples`` of each of cfg.dataset."""
+    """(samples, dataset names): the evaluation set training used (``validation``: cfg.eval_dataset, else the split it
+    held out of cfg.dataset, rebuilt with ``trained``'s tokenizer as training split it), else at most ``max_samples``
+    of each of cfg.dataset."""
     if validation:
-        refs = build_data(cfg, inference_tokenizer(trained, cfg.trust_remote_code)).eval_refs
-        return samples_from_refs(cfg.dataset, cfg.dataset_dir, refs), [f"{', '.join(cfg.dataset)} (validation split)"]
+        data = build_data(cfg, inference_tokenizer(trained, cfg.trust_remote_code))
+        split = "" if cfg.eval_dataset else " (validation split)"
+        return samples_from_refs(data.eval_names, cfg.dataset_dir, data.eval_refs), [f"{', '.join(data.eval_names)}{split}"]
     return samples_from_datasets(cfg.dataset, cfg.dataset_dir, max_samples), list(cfg.dataset)
 
 

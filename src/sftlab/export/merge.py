@@ -30,7 +30,7 @@ from sftlab import __version__
 from sftlab.data.render import end_of_turn_token, render
 from sftlab.errors import SftlabError
 from sftlab.files import fsync_tree, replace_dir
-from sftlab.model.load import ADAPTER_CONFIG, Trained, inference_tokenizer, load_for_inference
+from sftlab.model.load import ADAPTER_CONFIG, Trained, inference_tokenizer, load_for_inference, untie_diverged
 
 EXPORT_JSON = "export.json"
 
@@ -137,6 +137,7 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
             adapter_effect = _max_diff(_logits(model, inputs), reference)
         say("merging the adapter into the base weights")
         model = model.merge_and_unload()
+        untie_diverged(model)  # a trained embedding (modules_to_save) is no longer the tied head
         current = _logits(model, inputs)
         merge_diff = _max_diff(current, reference)
         if not merge_diff <= tolerance:  # `not <=` so that NaN fails too
@@ -176,6 +177,7 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
         record = {
             "base_model": str(trained.model_dir),
             "adapter": str(trained.adapter_dir) if merged else None,
+            "merged_before": [str(m) for m in trained.merged],
             "merged": merged,
             "template": trained.template,
             "dtype": _dtype_name(out_dtype),
@@ -216,13 +218,14 @@ def _check_request(trained: Trained, export_dir: Path, shard_gb: float, verify_s
                 f"or fails; merge into the unquantized base instead: --model <the original full-precision model> --adapter {trained.adapter_dir}")
         raise SftlabError(f"{trained.model_dir} is a quantized model ({method}); export writes full-precision models — "
                           "this directory already loads with transformers as it is")
-    if trained.adapter_dir is not None:
-        peft_type = json.loads((trained.adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("peft_type")
+    for adapter in [*trained.merged, *([trained.adapter_dir] if trained.adapter_dir is not None else [])]:
+        peft_type = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("peft_type")
         if peft_type != "LORA":
-            raise SftlabError(f"{trained.adapter_dir}: a {peft_type} adapter; export merges LoRA adapters only — load it unmerged with --adapter")
+            raise SftlabError(f"{adapter}: a {peft_type} adapter; export merges LoRA adapters only — load it unmerged with --adapter")
 
     target = export_dir.resolve()
-    inputs = {"base model": trained.model_dir, "adapter": trained.adapter_dir, "tokenizer": trained.tokenizer_dir}
+    inputs = {"base model": trained.model_dir, "adapter": trained.adapter_dir, "tokenizer": trained.tokenizer_dir,
+              **{f"merged adapter {m}": m for m in trained.merged}}
     for name, path in inputs.items():
         if path is None:
             continue

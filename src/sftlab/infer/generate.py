@@ -30,17 +30,20 @@ class GenerationSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    top_k: int = 0
 
     @classmethod
     def from_config(cls, cfg: SFTConfig, **overrides) -> "GenerationSettings":
-        values = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty")}
+        values = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "top_k")}
+        if cfg.do_sample is False:  # LLaMA-Factory's do_sample: false decodes greedily whatever temperature says
+            values["temperature"] = 0.0
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def kwargs(self) -> dict:
         sample = self.temperature > 0
         out = dict(max_new_tokens=self.max_new_tokens, do_sample=sample, repetition_penalty=self.repetition_penalty)
         if sample:
-            out.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+            out.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:  # silence a model's generation_config sampling defaults under greedy decoding
             out.update(temperature=None, top_p=None, top_k=None)
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 
 from sftlab.config import SFTConfig
 from sftlab.errors import SftlabError
+
+log = logging.getLogger(__name__)
 
 
 def cpu_supports_bf16() -> bool:
@@ -21,7 +24,10 @@ def cpu_supports_bf16() -> bool:
 
 
 def mixed_precision(cfg: SFTConfig) -> str:
-    """'no', 'bf16' or 'fp16'; raises SftlabError where the hardware cannot do what the config asks."""
+    """'no', 'bf16' or 'fp16'; raises SftlabError where the hardware cannot do what the config asks.
+
+    ``bf16: true`` on a CPU without native bf16 still runs (autocast emulates it, as the HF Trainer does), so a
+    YAML written for a GPU runs unchanged on a laptop; one warning says that fp32 is faster there."""
     cuda = torch.cuda.is_available()
     if cfg.fp16 and not cuda:
         raise SftlabError("fp16: true needs a CUDA GPU and none is visible; set fp16: false (or bf16: true on a CPU with AVX-512 bf16)")
@@ -29,7 +35,8 @@ def mixed_precision(cfg: SFTConfig) -> str:
         if cuda and not torch.cuda.is_bf16_supported():
             raise SftlabError("bf16: true, but this GPU has no bfloat16; set bf16: false and fp16: true")
         if not cuda and not cpu_supports_bf16():
-            raise SftlabError("bf16: true needs a GPU or a CPU with AVX-512 bf16 / AMX, and this machine has neither; set bf16: false (fp32)")
+            log.warning("bf16: true on a CPU without bf16 arithmetic (AVX-512 bf16 / AMX): autocast converts each matmul's "
+                        "inputs to bf16 and computes in fp32, so this run is slower than with bf16: false; set bf16: false here")
         return "bf16"
     return "fp16" if cfg.fp16 else "no"
 

@@ -25,14 +25,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.errors import SftlabError
 from sftlab.files import fsync_tree, replace_dir
+from sftlab.model.load import pissa_to_lora
 
 STATE_FILE = "trainer_state.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PISSA_DIR = "pissa"  # a PiSSA checkpoint's unconverted adapter (on the residual base), which resuming loads
 ENGINE_DIR = "deepspeed"  # DeepSpeed's own optimizer state (sharded per rank), in place of optimizer.pt
 ENGINE_TAG = "zero"  # the tag DeepSpeed files its state under, inside ENGINE_DIR
 SHARDED_DIR = "fsdp"  # fsdp_state_dict_type sharded: weights and optimizer state as each rank wrote them, in place of both
@@ -56,12 +59,14 @@ class TrainState:
 
 
 def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None, state_dict: dict | None = None,
-                    weights: bool = True) -> None:
+                    weights: bool = True, resumable: bool = False) -> None:
     """Atomically write ``target`` holding the model or adapter, tokenizer and config.yaml.
 
     ``extra(tmp_dir)`` may add files before the rename; ``state_dict`` replaces the model's own (FSDP
     gathers it: the model's parameters are shards); ``weights=False`` writes the model's (or adapter's)
     config without weights (they are elsewhere in ``target``). An existing ``target`` is replaced.
+    A PiSSA adapter (pissa_convert) is written converted to a plain LoRA on the original base; ``resumable``
+    (a checkpoint) also keeps its PiSSA form in ``PISSA_DIR``, which resuming loads.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -70,6 +75,8 @@ def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None, 
             (model.peft_config[model.active_adapter] if hasattr(model, "peft_config") else model.config).save_pretrained(tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+            if getattr(model, "pissa_initial", None) is not None:
+                _convert_pissa(tmp, model.pissa_initial, resumable)
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         if extra is not None:
@@ -79,6 +86,25 @@ def write_model_dir(target: Path, model, tokenizer, cfg: SFTConfig, extra=None, 
         replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_pissa(adapter_dir: Path, initial: dict[str, torch.Tensor], keep: bool) -> None:
+    """Replace the PiSSA adapter saved in ``adapter_dir`` by its plain-LoRA form (``pissa_to_lora``); ``keep``: move
+    the PiSSA form into ``adapter_dir``/PISSA_DIR first."""
+    weights_file, config_file = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / "adapter_config.json"
+    weights, config = load_file(weights_file), json.loads(config_file.read_text(encoding="utf-8"))
+    if keep:
+        (adapter_dir / PISSA_DIR).mkdir()
+        for f in (weights_file, config_file):
+            os.replace(f, adapter_dir / PISSA_DIR / f.name)
+    weights, config = pissa_to_lora(weights, config, initial)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _weights_dir(path: Path) -> Path:
+    """Where checkpoint ``path`` keeps the weights training resumes from: its PiSSA form when it has one."""
+    return path / PISSA_DIR if (path / PISSA_DIR / ADAPTER_WEIGHTS).is_file() else path
 
 
 class SavedState(NamedTuple):
@@ -109,7 +135,7 @@ def save_checkpoint(output_dir: Path, model, tokenizer, cfg: SFTConfig, optimize
 
     path = output_dir / f"checkpoint-{state.step}"
     weights = saved.per_rank is None or saved.per_rank[1] != SHARDED_DIR
-    write_model_dir(path, model, tokenizer, cfg, extra, saved.weights, weights=weights)
+    write_model_dir(path, model, tokenizer, cfg, extra, saved.weights, weights=weights, resumable=True)
     if cfg.save_total_limit:
         best = output_dir / f"checkpoint-{state.best_step}" if cfg.load_best_model_at_end and state.best_step else None
         for old in list_checkpoints(output_dir)[: -cfg.save_total_limit]:
@@ -188,7 +214,8 @@ def holds_weights(path: Path) -> bool:
 
 
 def saved_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The weights (adapter or model) that checkpoint ``path`` holds, keyed as saved."""
+    """The weights (adapter or model) that checkpoint ``path`` holds, keyed as saved (a PiSSA adapter's PiSSA form)."""
+    path = _weights_dir(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise SftlabError(f"{path}: checkpoint has no weights (*.safetensors)")
@@ -197,10 +224,16 @@ def saved_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(path: Path, model) -> None:
     """Load the trained weights (adapter or model) saved in checkpoint ``path`` into ``model``."""
-    if (path / "adapter_model.safetensors").is_file():
+    if (path / PISSA_DIR).is_dir() != (getattr(model, "pissa_initial", None) is not None):  # base weights differ between the two
+        raise SftlabError(f"{path} was trained with pissa_init: {str((path / PISSA_DIR).is_dir()).lower()}; resume it with the same")
+    path = _weights_dir(path)
+    if (path / ADAPTER_WEIGHTS).is_file():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, load_file(path / ADAPTER_WEIGHTS))
+        if result.unexpected_keys:
+            raise SftlabError(f"{path}: its adapter does not fit this model (e.g. {result.unexpected_keys[0]}); "
+                              "resume with the LoRA keys it was trained with")
     else:
         model.load_state_dict(saved_weights(path), strict=False)
 
@@ -242,9 +275,14 @@ def saved_keys(module, names) -> dict[str, str]:
     """The key each of ``names`` (``module``'s parameter names) is saved under in a checkpoint's safetensors → that
     name: the 'model.' prefix off, a tied alias dropped, and for an adapter its name taken out as PEFT saves it."""
     keys = as_saved(module, {name: name for name in names})
-    if is_adapter(module):
-        adapter = module.model.active_adapter
-        keys = {k.replace(f".{adapter}", ""): name for k, name in keys.items()}
+    if is_adapter(module):  # peft's own renaming (adapter name, DoRA's magnitude, modules_to_save), traced by identity
+        from peft import get_peft_model_state_dict
+
+        tokens = {key: torch.empty(0) for key in keys}
+        name_of = {id(t): keys[key] for key, t in tokens.items()}
+        saved = get_peft_model_state_dict(module.model, state_dict=tokens, adapter_name=module.model.active_adapter,
+                                          save_embedding_layers=False)
+        keys = {key: name_of[id(t)] for key, t in saved.items()}
     return keys
 
 

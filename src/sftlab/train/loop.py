@@ -21,6 +21,7 @@ from sftlab.model.device import peak_memory_gb
 from sftlab.train.backend import Backend
 from sftlab.train.checkpoint import Checkpointer, TrainState, list_checkpoints
 from sftlab.train.monitor import Monitor
+from sftlab.train.optim import neftune
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,15 @@ def fit(cfg: SFTConfig, backend: Backend, module: torch.nn.Module, optimizer: to
     A step whose loss or gradient norm is not finite is never applied: with nan_policy stop, the state before it
     is checkpointed (when its weights are finite) and NonFiniteLoss is raised; with skip_step the step is dropped
     and training goes on. Early stopping (early_stopping_patience) returns with ``state.early_stopped`` set.
+    With neftune_noise_alpha, NEFTune noises the input embeddings in these training steps only.
     """
+    with neftune(backend.unwrap(module).model, cfg.neftune_noise_alpha):
+        return _train_steps(cfg, backend, module, optimizer, scheduler, data, schedule, state, checkpoints, monitor)
+
+
+def _train_steps(cfg: SFTConfig, backend: Backend, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Data,
+                 schedule: Schedule, state: TrainState, checkpoints: Checkpointer, monitor: Monitor) -> TrainState:
+    """The steps of ``fit``."""
     total_steps = schedule.total_steps(cfg)
     skipped_in_a_row = 0
     module.train()

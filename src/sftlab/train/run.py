@@ -15,13 +15,14 @@ import pyarrow.compute as pc
 import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from transformers import get_scheduler
 
 from sftlab.config import SFTConfig, dump_config
 from sftlab.data.pipeline import Data, build_data
 from sftlab.data.schedule import Schedule
 from sftlab.errors import SftlabError
 from sftlab.evaluate.after_training import before_after, evaluate_split, write_report
+from sftlab.evaluate.predict import predict_split, predict_untrained
+from sftlab.evaluate.workflow import check_steps, will_train
 from sftlab.files import fsync_tree
 from sftlab.model.assets import resolve_model
 from sftlab.model.attention import use_flat_batches
@@ -37,6 +38,7 @@ from sftlab.train.fsdp import FSDP
 from sftlab.train.launch import WaitGroup
 from sftlab.train.loop import fit
 from sftlab.train.monitor import Monitor
+from sftlab.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +65,6 @@ def prepare_output_dir(cfg: SFTConfig, resuming: bool, clean: bool = True) -> Pa
     return out
 
 
-def build_optimizer(cfg: SFTConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not biases or norm weights)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
-
-
 def make_backend(cfg: SFTConfig, precision: str) -> Backend:
     """The backend the config asks for: FSDP (``fsdp: true``), DeepSpeed ZeRO (``deepspeed: ds.json``), else one
     process or DDP; with its Accelerator."""
@@ -91,6 +83,7 @@ def run_training(cfg: SFTConfig) -> Path:
     files, logs and evaluates (with sharded weights, every rank evaluates with it).
     Raises SftlabError for bad input, Interrupted when stopped by a signal (after checkpointing).
     """
+    check_steps(cfg)  # the CLI checked already; callers of this function (tests, the web UI) get the same errors
     precision = mixed_precision(cfg)
     require_reporter(cfg.report_to)
     checkpoint = find_checkpoint(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # checked before the model is loaded
@@ -101,8 +94,9 @@ def run_training(cfg: SFTConfig) -> Path:
         out = prepare_output_dir(cfg, resuming=checkpoint is not None, clean=main)
     if not main:  # one copy of the log: the main process's
         logging.getLogger("sftlab").setLevel(logging.WARNING)
-    # config.yaml records the batch layout this run used, not "auto"
-    cfg = cfg.model_copy(update={"padding_free": use_flat_batches(cfg, backend.device.type)})
+    # config.yaml records the batch layout this run used, not "auto", and whether it trained (a predict YAML that
+    # leaves do_train out does not: then eval and chat load its adapter_name_or_path, not this output_dir)
+    cfg = cfg.model_copy(update={"padding_free": use_flat_batches(cfg, backend.device.type), "do_train": will_train(cfg)})
     set_seed(cfg.seed)
 
     model_dir = resolve_model(cfg.model_name_or_path)
@@ -114,7 +108,11 @@ def run_training(cfg: SFTConfig) -> Path:
         log.info(line)
     if main:
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    if not cfg.do_train:  # data checked and reported; nothing to train
+    if not cfg.do_train:  # data checked and reported; nothing to train, perhaps something to answer
+        if cfg.do_predict:
+            if main:  # an unsharded model loaded for inference: the other ranks only wait
+                predict_untrained(cfg, data.eval_names, data.eval_refs, out, backend.device)
+            ranks.wait()
         return out
 
     model = load_model(cfg, model_dir, backend.device)
@@ -123,8 +121,7 @@ def run_training(cfg: SFTConfig) -> Path:
     module, optimizer = backend.prepare(model, lambda m: build_optimizer(cfg, m))
     schedule = build_schedule(cfg, data, backend.world_size)
     total = schedule.total_steps(cfg)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_training_steps=total,
-                              num_warmup_steps=cfg.warmup_steps or round(cfg.warmup_ratio * total))
+    scheduler = build_scheduler(cfg, optimizer, total)
     effective_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * backend.world_size
     state = TrainState(effective_batch=effective_batch)
     if checkpoint is not None:
@@ -172,17 +169,28 @@ def resume(checkpoint: Path, backend: Backend, module, optimizer, scheduler, eff
 
 
 def evaluate_model(cfg: SFTConfig, backend: Backend, module, tokenizer, data: Data, baseline: bool) -> None:
-    """The base (before training) or the trained model on the validation split, into eval_baseline/ or eval/: by the
+    """The base (before training) or the trained model on the evaluation set, into eval_baseline/ or eval/: by the
     main process alone, or, when the weights are sharded, by every rank in step (the main process writes)."""
     if backend.is_main or backend.sharded_weights:
         with backend.unsharded(module):  # FSDP gathers the root's weights; ZeRO-3's hooks gather each module's
-            evaluate_split(cfg, backend.unwrap(module).model, tokenizer, data.eval_refs,
+            evaluate_split(cfg, backend.unwrap(module).model, tokenizer, data.eval_names, data.eval_refs,
                            Path(cfg.output_dir) / ("eval_baseline" if baseline else "eval"), baseline=baseline, write=backend.is_main)
+
+
+def predict_trained(cfg: SFTConfig, backend: Backend, module, tokenizer, data: Data) -> None:
+    """do_predict after training: the trained model answers the evaluation set into output_dir (LLaMA-Factory's
+    generated_predictions.jsonl and predict_results.json), as ``evaluate_model`` runs: by the main process alone, or,
+    when the weights are sharded, by every rank in step (generate syncs the ranks under ZeRO-3 and FSDP; main writes)."""
+    if backend.is_main or backend.sharded_weights:
+        with backend.unsharded(module):
+            predict_split(cfg, backend.unwrap(module).model, tokenizer, data.eval_names, data.eval_refs, Path(cfg.output_dir),
+                          write=backend.is_main)
 
 
 def finish(cfg: SFTConfig, backend: Backend, module, tokenizer, data: Data, state: TrainState, checkpoints: Checkpointer) -> None:
     """After the last step: the last checkpoint, the final model or adapter (the best one with
-    load_best_model_at_end) in output_dir, its evaluation and the before → after comparison, the report."""
+    load_best_model_at_end) in output_dir, its evaluation and the before → after comparison, its predictions
+    (do_predict), the report."""
     out, main = Path(cfg.output_dir), backend.is_main
     what = "adapter" if cfg.finetuning_type == "lora" else "model"
     weights = backend.gathered_weights(module)  # once, for the last checkpoint and the final model
@@ -190,7 +198,7 @@ def finish(cfg: SFTConfig, backend: Backend, module, tokenizer, data: Data, stat
     best = None  # load_best_model_at_end: every rank knows the best step (the eval loss is all-reduced)
     if cfg.load_best_model_at_end and state.best_step and state.best_step != state.step:
         best = out / f"checkpoint-{state.best_step}"
-        if cfg.do_eval_baseline:  # the evaluation below is of the best weights
+        if cfg.do_eval_baseline or cfg.do_predict:  # the evaluation and predictions below are of the best weights
             backend.load_full_weights(module, best)
         log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
                  what, state.best_eval_loss, state.best_step, state.best_step, state.eval_loss)
@@ -199,6 +207,8 @@ def finish(cfg: SFTConfig, backend: Backend, module, tokenizer, data: Data, stat
         log.info("saved the final %s to %s", what, out)
     if cfg.do_eval_baseline:
         evaluate_model(cfg, backend, module, tokenizer, data, baseline=False)
+    if cfg.do_predict:
+        predict_trained(cfg, backend, module, tokenizer, data)
     if not main:
         return
     if cfg.do_eval_baseline:
