@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
 
-from sftlab.compat import FOREIGN
+from sftlab.compat import EARLIER_TRAINER_KEYS, FOREIGN
 from sftlab.errors import SftlabError
 
 log = logging.getLogger(__name__)
@@ -412,7 +412,10 @@ def config_reference() -> str:
         "extends, and what sftlab does with it: **same** (a key above, same meaning), **no effect** (accepted: it",
         "cannot change what is trained; setting it is named once in the log) or **refused** (a feature sftlab does",
         "not have: a one-line error naming the nearest one). A key set to the value that leaves its feature off",
-        "(e.g. `use_unsloth: false`) is always accepted. Keys sftlab adds: " + ", ".join(f"`{k}`" for k in sorted(OWN_KEYS)) + ".",
+        "(e.g. `use_unsloth: false`) is always accepted. " + ", ".join(f"`{k}`" for k in sorted(EARLIER_TRAINER_KEYS)),
+        "are Trainer keys of transformers 4 (dropped in 5), kept with their meaning. A key's default is sftlab's (above)",
+        "where the two differ (e.g. generation is greedy unless temperature > 0). Keys sftlab adds: "
+        + ", ".join(f"`{k}`" for k in sorted(OWN_KEYS)) + ".",
         "",
         "| key | here | why |",
         "| --- | --- | --- |",
