@@ -37,6 +37,8 @@ SFTLAB_SETTINGS: dict[str, dict[str, Any]] = {
     "sftlab-padded": {"padding_free": False},
     "sftlab-group_by_length": {"group_by_length": True},  # padded, length-grouped
     "sftlab-packing": {"packing": True},
+    "sftlab-qlora4": {"quantization_bit": 4},  # QLoRA: the base in NF4 (double quantization), bitsandbytes
+    "sftlab-qlora8": {"quantization_bit": 8},  # the base in LLM.int8
 }
 # TRL refuses padding_free with max_length unless packing ("max_length is not enforced"); the data
 # never exceeds cutoff_len, so max_length=None changes nothing but lets the run start.
@@ -44,7 +46,9 @@ TRL_SETTINGS: dict[str, dict[str, Any]] = {
     "trl-default": {},
     "trl-padding_free": {"padding_free": True, "max_length": None},
     "trl-packing": {"packing": True},
+    "trl-qlora4": {"quantization_bit": 4},  # not an SFTConfig key: run_trl loads the model with the same BitsAndBytesConfig
 }
+QLORA_RUNS = {"sftlab-qlora4", "sftlab-qlora8", "trl-qlora4"}  # LoRA on a quantized base: the lora workload only
 
 
 @dataclass
@@ -163,6 +167,11 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     order = epoch_order(len(chats), spec.seed)
     rows = [{"prompt": chats[i][:-1], "completion": chats[i][-1:], "index": i} for i in order]
     settings = {"max_length": spec.cutoff_len, **TRL_SETTINGS[spec.run]}
+    if bits := settings.pop("quantization_bit", None):  # as sftlab's quantization_bit loads it (model/quantize.py)
+        from sftlab.model.quantize import Quantization
+
+        quant = Quantization(bits).bnb_config(torch.bfloat16 if spec.bf16 else torch.float32)
+        settings["model_init_kwargs"] = {"quantization_config": quant, "device_map": {"": "cuda" if torch.cuda.is_available() else "cpu"}}
     args = SFTConfig(
         output_dir=spec.output_dir, per_device_train_batch_size=spec.batch, gradient_accumulation_steps=spec.accum,
         num_train_epochs=1, learning_rate=LEARNING_RATE[spec.workload], lr_scheduler_type="constant", warmup_steps=0,

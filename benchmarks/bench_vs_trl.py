@@ -13,6 +13,10 @@ TRL's default. sftlab's padded run and TRL's runs see the samples in the same or
 epoch-0 order, read sequentially by TRL), so their first steps train on the same samples; the
 tokenization line above the tables says whether the two also tokenize and mask them identically.
 
+The QLoRA runs (``sftlab-qlora4``, ``sftlab-qlora8``, ``trl-qlora4``; the lora workload only) train the same
+adapters on the base quantized by bitsandbytes (NF4 with double quantization, or LLM.int8), loaded with the same
+BitsAndBytesConfig in both frameworks; their losses differ from the full-precision runs' by the quantization.
+
 TRL is the ``bench`` extra; the first command above installs it with torch, transformers, peft,
 accelerate and datasets pinned at their installed versions, so pip never swaps torch for another build.
 """
@@ -33,7 +37,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from bench_child import SFTLAB_SETTINGS, TRL_SETTINGS, RunSpec
+from bench_child import QLORA_RUNS, SFTLAB_SETTINGS, TRL_SETTINGS, RunSpec
 
 CHILD = Path(__file__).resolve().parent / "bench_child.py"
 RUNS = [*TRL_SETTINGS, *SFTLAB_SETTINGS]
@@ -171,10 +175,11 @@ def main(argv: list[str] | None = None) -> None:
 
     all_results: dict[str, dict[str, dict[str, Any]]] = {}
     tokens_file: Path | None = None
-    total, k = len(args.workload) * len(args.runs), 0
+    plan = [(w, r) for w in args.workload for r in args.runs if w == "lora" or r not in QLORA_RUNS]
+    total, k = len(plan), 0
     for workload in args.workload:
         all_results[workload] = {}
-        for run in args.runs:
+        for run in [r for w, r in plan if w == workload]:
             k += 1
             name = f"{workload}-{run}"
             dump = workdir / "trl-tokens.jsonl" if run == "trl-default" and tokens_file is None else None

@@ -136,3 +136,19 @@ def run_and_resume(train, tmp_path: Path, step: int, **common):
     resumed.mkdir()
     shutil.copytree(Path(full.output_dir) / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
     return full, train(tmp_path / "cfg-b", output_dir=str(resumed), resume_from_checkpoint=True, **common)
+
+
+def train_tiny(path: Path, **values):
+    """``values`` written as path/config.yaml, loaded and trained (run_training); the config."""
+    from sftlab.config import load_config
+    from sftlab.train.run import run_training
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(write_config(path / "config.yaml", **values))
+    run_training(cfg)
+    return cfg
+
+
+def metrics_of(cfg) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]

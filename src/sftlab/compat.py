@@ -105,8 +105,7 @@ FOREIGN: dict[str, Foreign] = {
     **_accepted("use_kv_cache=true", "the KV cache changes generation speed, not the answer"),
     **_refused("infer_dtype=auto", "sftlab generates in the dtype the model was trained in (bf16/fp16 when set, else the weights' own)"),
     **_accepted("print_param_status", "sftlab logs the trainable parameter count; the list of parameters is a debugging aid"),
-    **_refused("quantization_bit", "on-the-fly quantization (QLoRA) is not in sftlab yet: train LoRA on the unquantized model (finetuning_type: lora)"),
-    **_accepted("quantization_method=bnb quantization_type=nf4 double_quantization=true quantization_device_map", _sub("quantization_bit")),
+    **_accepted("quantization_device_map", "sftlab places the quantized model on the device each process trains or generates on"),
     **_refused("use_kt", "KTransformers' CPU MoE backend is not in sftlab: train on the model as transformers loads it"),
     **_accepted("kt_cpu_activation kt_weight_path kt_non_expert_weight_path kt_expert_checkpoint_path kt_use_lora_experts "
                 "kt_lora_expert_num kt_lora_expert_intermediate_size kt_config", _sub("use_kt")),

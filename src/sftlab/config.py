@@ -49,6 +49,10 @@ class SFTConfig(BaseModel):
     stage: Literal["sft", "pt"] = Field("sft", description="sft: chat/instruction tuning; pt: continued pre-training on plain text.")
     do_train: bool = Field(True, description="Run training (false: only check the data, or with do_predict only predict; a do_predict YAML that leaves do_train out and names no dataset does not train, as LLaMA-Factory's do_train defaults to false).")
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="lora: low-rank adapters; full: all weights; freeze: only the last layers.")
+    quantization_bit: Literal[4, 8] | None = Field(None, description="QLoRA: load the base model quantized to 4 or 8 bits by bitsandbytes (frozen; LoRA weights, norms, embeddings and the head stay fp32); needs finetuning_type: lora. Recorded with the run, so eval, chat and resume load the same base; export merges into the full-precision one.")
+    quantization_method: Literal["bnb"] = Field("bnb", description="How quantization_bit quantizes: bnb (bitsandbytes, on CPU and GPU).")
+    quantization_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat, QLoRA's) or fp4.")
+    double_quantization: bool = Field(True, description="4-bit: quantize the quantization constants too (~0.4 bit per weight less).")
     freeze_trainable_layers: int = Field(2, description="freeze: number of last decoder layers to train (negative: first layers).")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r: more capacity and memory as it grows.")
     lora_alpha: float | None = Field(None, description="LoRA scaling alpha (default: 2 × lora_rank).")
@@ -272,6 +276,15 @@ class SFTConfig(BaseModel):
     def _check(self) -> "SFTConfig":
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true: choose one")
+        if self.quantization_bit is not None:  # QLoRA: only adapters train on a quantized base, as in LLaMA-Factory
+            if self.finetuning_type != "lora":
+                raise ValueError(f"quantization_bit: {self.quantization_bit} trains LoRA on a frozen quantized base, and finetuning_type "
+                                 f"is {self.finetuning_type}; set finetuning_type: lora or remove quantization_bit")
+            if self.fsdp or self.deepspeed:
+                raise ValueError(f"quantization_bit with {'fsdp' if self.fsdp else 'deepspeed'}: sharding a quantized base is not in "
+                                 "sftlab; train QLoRA in one process or with --nproc (DDP), or remove quantization_bit")
+            if self.pissa_init:
+                raise ValueError("pissa_init with quantization_bit: PiSSA's SVD needs the full-precision weights; remove one of them")
         if self.do_sample and self.temperature == 0:
             raise ValueError("do_sample: true needs temperature > 0 (temperature 0 is greedy decoding); set temperature, e.g. 0.95 as LLaMA-Factory does")
         if self.packing and self.group_by_length:

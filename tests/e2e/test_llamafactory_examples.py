@@ -114,3 +114,15 @@ def test_deepspeed_example_finds_its_config_relative_to_the_working_directory(lf
     cfg = load_config("examples/train_lora/qwen3_lora_sft_ds3.yaml")
     assert cfg.deepspeed == "examples/deepspeed/ds_z3_config.json"
     assert check_deepspeed(cfg)["zero_optimization"]["stage"] == 3
+
+
+def test_qlora_example_trains_on_a_4_bit_base(lf_root, smol_dir, tmp_path_factory, monkeypatch):
+    """examples/extras/fsdp_qlora/llama3_lora_sft.yaml (quantization_bit: 4), in one process: LLaMA-Factory shards
+    it through an accelerate config, not the YAML. The tiny model is 64 wide (bitsandbytes' CPU blocks)."""
+    from sftlab.model.assets import tiny_llama
+
+    model = tiny_llama(smol_dir, tmp_path_factory.mktemp("tiny64") / "tiny-64", hidden=64)
+    _run(lf_root, monkeypatch, "train", "examples/extras/fsdp_qlora/llama3_lora_sft.yaml", f"model_name_or_path={model}", *SMALL,
+         "overwrite_output_dir=true")
+    out = lf_root / "saves/llama3-8b/lora/sft"
+    assert (out / "adapter_model.safetensors").is_file() and "quantization_bit: 4" in (out / "config.yaml").read_text()

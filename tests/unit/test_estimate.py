@@ -78,6 +78,20 @@ def test_memory_formulas_by_hand(smol_shape):
     assert mem.total == pytest.approx(sum(p.at_peak for p in mem.parts))
 
 
+def test_qlora_weights_by_hand(smol_shape):
+    lora = cfg(finetuning_type="lora", lora_rank=8, bf16=True)
+    n, matmul = 134_515_008, smol_shape.flops.matmul_params
+    trained = method(smol_shape, lora).trainable
+    four = memory(smol_shape, lora.model_copy(update={"quantization_bit": 4}), CPU)
+    # two weights per byte, an 8-bit absmax per 64 and an fp32 per 256 blocks (double quantization); the rest fp32
+    assert part(four, "weights").size == pytest.approx(4 * trained + (0.5 + (1 + 4 / 256) / 64) * matmul + 4 * (n - matmul))
+    eight = memory(smol_shape, lora.model_copy(update={"quantization_bit": 8}), CPU)
+    assert part(eight, "weights").size == pytest.approx(4 * trained + matmul + 4 * (n - matmul))
+    assert part(four, "dequantized weight (QLoRA)").size == 2 * H * I  # the largest linear, in bf16
+    assert not any(p.name.startswith("half weight copies") for p in four.parts)  # bitsandbytes dequantizes, no autocast copy
+    assert part(four, "weights").size < part(memory(smol_shape, lora, CPU), "weights").size
+
+
 def test_lora_parameters_and_activations(smol_shape):
     c = cfg(finetuning_type="lora", lora_rank=8, per_device_train_batch_size=1, cutoff_len=64)
     m = method(smol_shape, c)

@@ -4,7 +4,6 @@ run with an 8-bit or Adafactor optimizer resumes exactly."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -16,14 +15,13 @@ from safetensors.torch import load_file
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from conftest import run_and_resume, write_config
+from conftest import metrics_of, run_and_resume, train_tiny, write_config
 from sftlab.config import ConfigError, load_config
 from sftlab.errors import SftlabError
 from sftlab.evaluate.results import EvalResults
 from sftlab.evaluate.runs import evaluate_runs
 from sftlab.model.load import load_model, trained_from_config
 from sftlab.train.optim import build_optimizer, build_scheduler, neftune
-from sftlab.train.run import run_training
 
 CPU = torch.device("cpu")
 IDS = torch.tensor([[1, 17, 230, 4021, 9, 77, 310, 2]])
@@ -72,15 +70,7 @@ def _train(path: Path, model_dir: Path, data: Path, **over):
     values = dict(model_name_or_path=str(model_dir), dataset=str(data), output_dir=str(path / "out"), max_steps=3,
                   per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-2, save_steps=2, lora_rank=4,
                   cutoff_len=128, val_size=2, plot_loss=False)
-    values.update(over)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(write_config(path / "config.yaml", **values))
-    run_training(cfg)
-    return cfg
-
-
-def _metrics(cfg) -> list[dict]:
-    return [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return train_tiny(path, **{**values, **over})
 
 
 # ---------------------------------------------------------------- optim, betas, epsilon
@@ -230,7 +220,7 @@ def test_warmup_stable_decay_defaults_to_a_third_stable_then_decay(tiny_model_di
 def test_a_run_follows_the_schedule_it_was_given(tmp_path, tiny_model_dir, data):
     cfg = _train(tmp_path, tiny_model_dir, data, max_steps=4, lr_scheduler_type="cosine_with_min_lr",
                  lr_scheduler_kwargs={"min_lr_rate": 0.5}, val_size=0)
-    logged = [r["lr"] for r in _metrics(cfg) if "lr" in r]
+    logged = [r["lr"] for r in metrics_of(cfg) if "lr" in r]
     assert logged == pytest.approx(_lrs(get_scheduler("cosine_with_min_lr", _sgd(1e-2), num_warmup_steps=0, num_training_steps=4,
                                                       scheduler_specific_kwargs={"min_lr_rate": 0.5}), 4))
 
@@ -309,8 +299,8 @@ def test_neftune_noises_embeddings_in_training_only(tiny_model_dir, finetuning_t
 def test_neftune_changes_training_and_not_the_evaluation_of_the_saved_adapter(tmp_path, tiny_model_dir, data):
     plain = _train(tmp_path / "plain", tiny_model_dir, data)
     noisy = _train(tmp_path / "noisy", tiny_model_dir, data, neftune_noise_alpha=5.0)
-    assert _metrics(plain)[0]["loss"] != _metrics(noisy)[0]["loss"]
-    final = [r["eval_loss"] for r in _metrics(noisy) if "eval_loss" in r][-1]  # evaluated inside training, in eval mode
+    assert metrics_of(plain)[0]["loss"] != metrics_of(noisy)[0]["loss"]
+    final = [r["eval_loss"] for r in metrics_of(noisy) if "eval_loss" in r][-1]  # evaluated inside training, in eval mode
     out = Path(tempfile.mkdtemp(prefix="eval-", dir=tmp_path)) / "eval"
     evaluate_runs(noisy, trained_from_config(noisy), out, from_config=True, validation=True)  # the saved adapter, reloaded
     assert EvalResults.read(out).metrics["eval_loss"] == pytest.approx(final, rel=1e-5)
@@ -325,7 +315,7 @@ def test_a_run_resumes_its_optimizer_state_exactly(tmp_path, wide_model_dir, dat
         pytest.importorskip("bitsandbytes")
     common = dict(max_steps=4, save_steps=2, val_size=0, finetuning_type="full", learning_rate=1e-3, optim=optim)
     full, again = run_and_resume(lambda path, **values: _train(path, wide_model_dir, data, **values), tmp_path, 2, **common)
-    a, b = _metrics(full), _metrics(again)
+    a, b = metrics_of(full), metrics_of(again)
     assert [r["step"] for r in b] == [3, 4]
     for ra, rb in zip(a[2:], b):
         assert (ra["loss"], ra["grad_norm"]) == (rb["loss"], rb["grad_norm"]), ra["step"]

@@ -87,7 +87,7 @@ def test_memory_decides_method_checkpointing_and_batch(big_model):
     reason = next(c.reason for c in tight.choices if c.key == "gradient_checkpointing")
     assert "without it only" in reason
     # eight 80 GB GPUs with ZeRO-3 would hold it; a 12 GB card cannot even hold LoRA at batch 1
-    with pytest.raises(SftlabError, match="even LoRA with gradient checkpointing at batch 1"):
+    with pytest.raises(SftlabError, match="even QLoRA with gradient checkpointing at batch 1"):
         run(stats(1_000, median=4000), big_model, 12)
 
 
@@ -135,3 +135,17 @@ def test_suggest_cli_writes_a_config_that_trains(tmp_path, tiny_model_dir, alpac
     cfg = load_config(out, [f"output_dir={tmp_path / 'run'}", "max_steps=1", "plot_loss=false"])
     assert cfg.finetuning_type == "lora" and cfg.val_size > 0
     assert (run_training(cfg) / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_is_suggested_when_lora_does_not_fit(big_model):
+    """7B on a 14 GB card: LoRA's frozen bf16 base alone is ~14 GB; in 4 bits ~7 GB (embeddings and head stay fp32)."""
+    data = stats(2_000, median=300)
+    base = load_config(None, [], model_name_or_path="org/model", dataset="data.json", bf16=True)
+    lora = base.model_copy(update={"per_device_train_batch_size": 1, "gradient_checkpointing": True})
+    assert memory(big_model, lora, Target(device="cuda", memory=14 * GB)).total > 14 * GB
+    s = run(data, big_model, 14)
+    v = values(s)
+    assert v["finetuning_type"] == "lora" and v["quantization_bit"] == 4
+    assert "QLoRA (quantization_bit: 4) does" in next(c.reason for c in s.choices if c.key == "finetuning_type")
+    assert s.estimate.memory.total <= 14 * GB
+    assert "quantization_bit" not in values(run(data, big_model, 80))  # where LoRA fits, the base stays full precision

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -120,6 +120,10 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
     arguments; and, with nothing written, when a check fails.
     """
     say = on_progress or (lambda _msg: None)
+    if trained.quantization is not None:  # QLoRA: never merge into quantized weights, which would round the adapter away
+        say(f"the adapter was trained on the {trained.quantization.describe()} quantized base; merging it into the full-precision "
+            f"{trained.model_dir}")
+        trained = replace(trained, quantization=None)
     export_dir = Path(export_dir).expanduser()
     out_dtype = _check_request(trained, export_dir, shard_gb, verify_samples, dtype)
     merged = trained.adapter_dir is not None

@@ -181,9 +181,9 @@ def _hub_download(name: str, packaged: PackagedModel | None) -> Path:
         ) from e
 
 
-def tiny_llama(tokenizer_dir: Path, out: Path) -> Path:
-    """A 2-layer Llama (hidden 32) with the tokenizer and chat template of ``tokenizer_dir`` and random
-    weights (seed 0), written atomically to ``out`` unless it is there: for smoke tests and benchmarks."""
+def tiny_llama(tokenizer_dir: Path, out: Path, hidden: int = 32) -> Path:
+    """A 2-layer Llama (``hidden`` wide, MLP twice that) with the tokenizer and chat template of ``tokenizer_dir`` and
+    random weights (seed 0), written atomically to ``out`` unless it is there: for smoke tests and benchmarks."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -191,7 +191,7 @@ def tiny_llama(tokenizer_dir: Path, out: Path) -> Path:
         return out
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,

@@ -14,6 +14,7 @@ from sftlab.data.templates import resolve_template
 from sftlab.errors import SftlabError
 from sftlab.model.assets import resolve_model
 from sftlab.model.attention import attention_implementation, use_flat_batches
+from sftlab.model.quantize import Quantization, check_prequantized, quiet_bitsandbytes
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,25 @@ def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrai
     optimizer state); everything trainable is fp32.
     """
     _check_lora_keys(cfg)  # before any weight loads
+    check_prequantized(model_dir)
     frozen_half = device.type == "cuda" and cfg.finetuning_type != "full" and (cfg.bf16 or cfg.fp16)
     dtype = (torch.bfloat16 if cfg.bf16 else torch.float16) if frozen_half else torch.float32
+    quant = Quantization.recorded(cfg)
+    quantized = {} if quant is None else {"quantization_config": quant.bnb_config(_precision_dtype(cfg)), "device_map": {"": str(device)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             dtype=dtype,
             attn_implementation=attention_implementation(device, use_flat_batches(cfg, device.type)),
             trust_remote_code=cfg.trust_remote_code,
+            **quantized,
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise SftlabError(f"{model_dir}: this model needs its own code; set trust_remote_code: true if you trust it") from None
         raise
+    if quant is not None:
+        model = _prepare_quantized(model, quant)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -76,6 +83,22 @@ def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrai
     n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
     n_all = sum(numel(p) for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
+    return model
+
+
+def _precision_dtype(cfg: SFTConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+
+
+def _prepare_quantized(model: PreTrainedModel, quant: Quantization) -> PreTrainedModel:
+    """The quantized base made ready for LoRA as peft's ``prepare_model_for_kbit_training`` does (QLoRA's recipe, as
+    LLaMA-Factory and TRL use it): every weight frozen, the ones left unquantized (norms, embeddings, the head) in
+    fp32. Gradient checkpointing is applied after, as for any model."""
+    from peft import prepare_model_for_kbit_training
+
+    quiet_bitsandbytes()
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    log.info("base model quantized to %s by bitsandbytes (frozen; LoRA trains in fp32)", quant.describe())
     return model
 
 
@@ -118,6 +141,10 @@ def _check_lora_keys(cfg: SFTConfig) -> None:
     if any(Path(a).expanduser().resolve() == out for a in _names(cfg.adapter_name_or_path)):
         raise SftlabError(f"adapter_name_or_path names this run's output_dir {cfg.output_dir}, which training replaces; "
                           "write the run to a new output_dir")
+    if cfg.quantization_bit is not None and adapter_plan(cfg)[0]:
+        raise SftlabError(f"adapter_name_or_path with quantization_bit: {cfg.quantization_bit}: merging adapters into quantized weights "
+                          "rounds them away; name one adapter to continue training it (without create_new_adapter), or export the "
+                          "merged model first (sftlab export) and train QLoRA on it")
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():  # the weights are partitioned when the adapter is applied
@@ -274,10 +301,11 @@ class Trained:
     tokenizer_dir: Path
     template: str | None = None  # the template key it was trained with (a LLaMA-Factory name or builtin:NAME)
     merged: tuple[Path, ...] = ()  # adapters merged into the base, in order, before adapter_dir applies (what it was trained on)
+    quantization: Quantization | None = None  # the base quantized as the adapter was trained on it (QLoRA)
 
     def describe(self) -> str:
-        return (f"{self.model_dir}" + "".join(f" + merged {m}" for m in self.merged)
-                + (f" + adapter {self.adapter_dir}" if self.adapter_dir else ""))
+        return (f"{self.model_dir}" + (f" ({self.quantization.describe()})" if self.quantization else "")
+                + "".join(f" + merged {m}" for m in self.merged) + (f" + adapter {self.adapter_dir}" if self.adapter_dir else ""))
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -311,7 +339,8 @@ def locate_trained(model: str, adapter: str | None = None, template: str | None 
         adapter_dir = _adapter_dir(adapter, "adapter")
     tokenizer_dir = adapter_dir if adapter_dir is not None and _has_tokenizer(adapter_dir) else model_dir
     merged = tuple(merged_before(adapter_dir)) if adapter_dir is not None else ()
-    return Trained(model_dir, adapter_dir, tokenizer_dir, template, merged)
+    quant = Quantization.recorded(_recorded(adapter_dir)) if adapter_dir is not None else None
+    return Trained(model_dir, adapter_dir, tokenizer_dir, template, merged, quant)
 
 
 def _adapter_dir(adapter: str | Path, key: str) -> Path:
@@ -407,7 +436,7 @@ def trained_from_config(cfg: SFTConfig, tuned: bool = True) -> Trained:
     from_adapters = cfg.finetuning_type == "lora" and _trained_from_adapters(cfg)
     if not tuned:
         merge, start = adapter_plan(cfg) if from_adapters else ([], None)
-        return Trained(base, start, base, cfg.template, tuple(merge))
+        return Trained(base, start, base, cfg.template, tuple(merge), Quantization.recorded(cfg))
     adapter = None
     if listed and not from_adapters:
         chain = _expand(listed)
@@ -416,7 +445,8 @@ def trained_from_config(cfg: SFTConfig, tuned: bool = True) -> Trained:
         adapter, merged = out, tuple(merged_before(out))
     if adapter is not None:
         saved = _has_tokenizer(adapter)  # training saved the tokenizer with the template it used
-        return Trained(base, adapter, adapter if saved else base, None if saved else cfg.template, merged)
+        quant = Quantization.recorded(_recorded(adapter) or cfg)  # as the adapter's run trained it, else as this config says
+        return Trained(base, adapter, adapter if saved else base, None if saved else cfg.template, merged, quant)
     if cfg.finetuning_type != "lora" and _is_model(out):
         return Trained(out, None, out, None)
     raise SftlabError(f"output_dir {out} holds no trained {'adapter' if cfg.finetuning_type == 'lora' else 'model'} yet; "
@@ -438,11 +468,15 @@ def load_for_inference(trained: Trained, device: torch.device | str = "cpu", dty
     padding, chat template set)."""
     tokenizer = inference_tokenizer(trained, trust_remote_code)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(trained.model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    quant = trained.quantization
+    quantized = {} if quant is None else {"quantization_config": quant.bnb_config(dtype), "device_map": {"": str(device)}}
+    model = AutoModelForCausalLM.from_pretrained(trained.model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **quantized)
+    if quant is not None:
+        quiet_bitsandbytes()
     model = _merge_adapters(model, list(trained.merged))
     if trained.adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, trained.adapter_dir)
     model.config.use_cache = True
-    return model.to(device).eval(), tokenizer
+    return (model if quant is not None else model.to(device)).eval(), tokenizer

@@ -205,7 +205,8 @@ def method(shape: ModelShape, cfg: SFTConfig) -> Method:
     layers = max(shape.layers, 1)
     return Method(lora, shape.params, lora, len(targets) // layers, sum(i for i, _ in targets) // layers, shape.layers, shape.layers,
                   lora // layers, False, False,
-                  f"LoRA r={cfg.lora_rank} on {', '.join(names)}")
+                  f"{'QLoRA' if cfg.quantization_bit else 'LoRA'} r={cfg.lora_rank} on {', '.join(names)}"
+                  + (f", the base in {cfg.quantization_bit} bits" if cfg.quantization_bit else ""))
 
 
 def method_flops(shape: ModelShape, m: Method, cfg: SFTConfig) -> FlopCounter:
@@ -287,11 +288,15 @@ def memory(shape: ModelShape, cfg: SFTConfig, target: Target, seq_len: int | Non
     shard_o = n if target.sharding != "none" else 1
 
     weights = (4 * m.trainable + (2 if half_frozen else 4) * m.frozen) / shard_w
+    quantized = shape.flops.matmul_params if cfg.quantization_bit else 0  # QLoRA: the decoder's linear weights
+    if quantized:  # the rest of the frozen base (embeddings, head, norms) is fp32, as prepare_model_for_kbit_training leaves it
+        half_frozen = False
+        weights = 4 * m.trainable + quantized_bytes(cfg) * quantized + 4 * (m.frozen - quantized)
     grads = 4 * m.trainable / shard_g
     state_bytes = 8 if target.optimizer == "adamw" else 2
     optimizer = state_bytes * m.trainable / shard_o
     # autocast casts every fp32 weight a matmul uses to half precision; backward keeps the copy (of layers with gradients)
-    casts = 2 * shape.flops.matmul_params * m.layers_with_grad / shape.layers / shard_w if mixed and not half_frozen else 0.0
+    casts = 2 * shape.flops.matmul_params * m.layers_with_grad / shape.layers / shard_w if mixed and not half_frozen and not quantized else 0.0
 
     a_layer = layer_activation_bytes(shape, m, cfg, target, seq)
     stream = 2 if half_frozen else 4
@@ -323,9 +328,10 @@ def memory(shape: ModelShape, cfg: SFTConfig, target: Target, seq_len: int | Non
     if grads + step_scratch > at_acts + at_grads + transient:
         phase, at_acts, at_grads, transient = "in the optimizer step", 0.0, grads, step_scratch
 
+    frozen_how = (f" + {quantized / 1e6:,.1f} M quantized × {quantized_bytes(cfg):.3g} B + {(m.frozen - quantized) / 1e6:,.1f} M "
+                  "frozen × 4 B" if quantized else f" + {m.frozen / 1e6:,.1f} M frozen × {2 if half_frozen else 4} B" if m.frozen else "")
     parts = [
-        Part("weights", weights, weights, f"{m.trainable / 1e6:,.1f} M trained × 4 B" + (
-            f" + {m.frozen / 1e6:,.1f} M frozen × {2 if half_frozen else 4} B" if m.frozen else "") + (f" ÷ {shard_w}" if shard_w > 1 else "")),
+        Part("weights", weights, weights, f"{m.trainable / 1e6:,.1f} M trained × 4 B" + frozen_how + (f" ÷ {shard_w}" if shard_w > 1 else "")),
         Part("gradients", grads, at_grads, "4 B × trained" + (f" ÷ {shard_g}" if shard_g > 1 else "")),
         Part("optimizer states", optimizer, optimizer, ("AdamW: 2 × 4 B" if state_bytes == 8 else "8-bit AdamW: 2 × 1 B") + " × trained"
              + (f" ÷ {shard_o}" if shard_o > 1 else "")),
@@ -333,6 +339,10 @@ def memory(shape: ModelShape, cfg: SFTConfig, target: Target, seq_len: int | Non
              + (" (checkpointed: each layer's input + one layer)" if cfg.gradient_checkpointing else "")),
         Part("loss / backward temporaries", transient, transient, _transient_how(shape, trained, loss, scratch, step_scratch, transient)),
     ]
+    if quantized:  # bitsandbytes dequantizes each weight for its matmul (and again in backward)
+        largest = max(i * o for _, i, o in shape.linears)
+        parts.append(Part("dequantized weight (QLoRA)", largest * act, largest * act, f"the largest linear weight in {act}-byte floats, "
+                          "for its matmul"))
     if casts:
         parts.append(Part("half weight copies (autocast)", casts, casts, "2 B × the decoder's matmul weights, kept from forward to backward"))
     if n > 1 and target.sharding == "none":
@@ -350,6 +360,15 @@ def memory(shape: ModelShape, cfg: SFTConfig, target: Target, seq_len: int | Non
     if shape.max_positions and cfg.cutoff_len > shape.max_positions:
         notes.append(f"cutoff_len {cfg.cutoff_len} is over the model's max_position_embeddings {shape.max_positions}")
     return Memory(parts, phase, a_layer, acts_full, acts_gc, full_logits, notes)
+
+
+def quantized_bytes(cfg: SFTConfig) -> float:
+    """Bytes per quantized weight: 4-bit packs two per byte plus an fp32 absmax per block of 64 (with
+    double_quantization an 8-bit one, and an fp32 per 256 blocks: bitsandbytes' layout); 8-bit one byte (the
+    per-row scales are negligible)."""
+    if cfg.quantization_bit == 8:
+        return 1.0
+    return 0.5 + ((1 + 4 / 256) / 64 if cfg.double_quantization else 4 / 64)
 
 
 def _transient_how(shape: ModelShape, trained: float, loss: float, scratch: float, step: float, transient: float) -> str:
@@ -448,6 +467,10 @@ def rule_of_thumb(shape: ModelShape, cfg: SFTConfig) -> tuple[float, str]:
     if cfg.finetuning_type == "full":
         return THUMB_FULL_BYTES_PER_PARAM * shape.params + tokens, "12 B × parameters + 2.5 GB per 1024 tokens of cutoff_len"
     w = 2 if (cfg.bf16 or cfg.fp16) else 4
+    if cfg.quantization_bit:
+        q = cfg.quantization_bit / 8
+        return (q * shape.params + THUMB_LORA_GB * GB + tokens,
+                f"{q:g} B × parameters ({cfg.quantization_bit}-bit) + 2 GB for LoRA + 2.5 GB per 1024 tokens of cutoff_len")
     if cfg.finetuning_type == "lora":
         return w * shape.params + THUMB_LORA_GB * GB + tokens, f"{w} B × parameters + 2 GB for LoRA + 2.5 GB per 1024 tokens of cutoff_len"
     m = method(shape, cfg)

@@ -102,7 +102,7 @@ def suggest(stats: Stats, shape: ModelShape, base: SFTConfig, target: Target) ->
     """Propose a config for training ``shape`` on the data ``stats`` describes, on ``target``.
 
     ``base`` carries what the user gave (model, dataset, dataset_dir, template, …). Raises SftlabError when no
-    sample was measured, or when not even LoRA with gradient checkpointing at batch 1 fits the memory.
+    sample was measured, or when not even LoRA (then QLoRA) with gradient checkpointing at batch 1 fits the memory.
     """
     n = stats.samples
     if not n:
@@ -155,8 +155,13 @@ def suggest(stats: Stats, shape: ModelShape, base: SFTConfig, target: Target) ->
         cutoff, why = _round_up(p95), f"covers 95% (p95 {p95}): longer cutoffs do not fit {mem:.0f} GB"
         cfg = cfg.model_copy(update={"cutoff_len": cutoff})
         fit = fitting(cfg)
+    if max(fit) < 1 and cfg.finetuning_type == "lora":  # QLoRA: the same adapters on a 4-bit base
+        qlora_fit = fitting(cfg.model_copy(update={"quantization_bit": 4}))
+        if max(qlora_fit) >= 1:
+            cfg, fit = cfg.model_copy(update={"quantization_bit": 4}), qlora_fit
+            ft_reason += f"; LoRA on the full-precision base does not fit {mem:.0f} GB: QLoRA (quantization_bit: 4) does"
     if max(fit) < 1:
-        raise SftlabError(f"{shape.name}: even LoRA with gradient checkpointing at batch 1 × {cutoff} tokens needs more than "
+        raise SftlabError(f"{shape.name}: even QLoRA with gradient checkpointing at batch 1 × {cutoff} tokens needs more than "
                           f"{mem:.0f} GB per device; use a smaller model, more devices (--gpus with sharding), or a GPU with more memory")
 
     # packing: many short single-turn samples fill rows of cutoff_len
@@ -186,6 +191,8 @@ def suggest(stats: Stats, shape: ModelShape, base: SFTConfig, target: Target) ->
         *([Choice("template", base.template)] if base.template else []),
         Choice("stage", "sft"),
         Choice("finetuning_type", cfg.finetuning_type, ft_reason),
+        *([Choice("quantization_bit", 4, "the base model in 4 bits (NF4, bitsandbytes): ~0.5 B per weight instead of 2-4 B")]
+          if cfg.quantization_bit else []),
     ]
     if cfg.finetuning_type == "lora":
         choices += [Choice("lora_target", "all", "every linear layer but the head: the usual choice"),

@@ -1,0 +1,111 @@
+"""QLoRA: LoRA on a base quantized to 4 or 8 bits by bitsandbytes (on this CPU), recorded with the run so that
+evaluation and resume load the same base, and exported by merging into the full-precision weights."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import metrics_of, run_and_resume, train_tiny
+from sftlab.config import ConfigError, load_config
+from sftlab.errors import SftlabError
+from sftlab.evaluate.results import EvalResults
+from sftlab.evaluate.runs import evaluate_runs
+from sftlab.export.merge import export_model
+from sftlab.model.assets import tiny_llama
+from sftlab.model.load import load_for_inference, load_model, locate_trained, trained_from_config
+
+bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_thread")
+IDS = torch.tensor([[1, 17, 230, 4021, 9, 77, 310, 2]])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, smol_dir) -> Path:
+    """The tiny Llama 64 wide: bitsandbytes' CPU 4-bit kernels quantize rows in blocks of 64."""
+    return tiny_llama(smol_dir, tmp_path_factory.mktemp("qlora") / "tiny-64", hidden=64)
+
+
+def _train(path: Path, model_dir: Path, data: Path, **over):
+    values = dict(model_name_or_path=str(model_dir), dataset=str(data), output_dir=str(path / "out"), max_steps=6,
+                  per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-2, save_steps=3, lora_rank=4,
+                  cutoff_len=128, val_size=2, eval_steps=6, plot_loss=False, quantization_bit=4)
+    return train_tiny(path, **{**values, **over})
+
+
+@pytest.fixture(scope="module", params=[4, 8])
+def qlora(request, tmp_path_factory, model_dir, alpaca_rows_file):
+    return _train(tmp_path_factory.mktemp(f"q{request.param}"), model_dir, alpaca_rows_file, quantization_bit=request.param)
+
+
+def test_the_base_is_quantized_frozen_and_lora_trains_in_fp32(model_dir):
+    cfg = load_config(None, model_name_or_path=str(model_dir), dataset="d", quantization_bit=4, lora_rank=4)
+    model = load_model(cfg, model_dir, torch.device("cpu"))
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and layer.base_layer.weight.dtype == torch.uint8
+    assert layer.base_layer.weight.quant_state.quant_type == "nf4"
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n and p.dtype == torch.float32 for n, p in trained.items())
+    norm = model.base_model.model.model.norm.weight
+    assert norm.dtype == torch.float32 and not norm.requires_grad
+
+
+def test_qlora_trains_and_reloads_on_the_same_quantized_base(qlora):
+    records = metrics_of(qlora)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert "quantization_bit" in (Path(qlora.output_dir) / "config.yaml").read_text()
+    trained = trained_from_config(qlora)
+    assert trained.quantization is not None and trained.quantization.bits == qlora.quantization_bit
+    assert locate_trained(qlora.output_dir).quantization == trained.quantization  # --model OUTPUT_DIR finds it too
+    out = Path(tempfile.mkdtemp(dir=Path(qlora.output_dir).parent)) / "eval"
+    evaluate_runs(qlora, trained, out, from_config=True, validation=True)
+    final_eval = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
+    assert EvalResults.read(out).metrics["eval_loss"] == pytest.approx(final_eval, rel=1e-4)
+
+
+def test_export_merges_into_the_full_precision_base(qlora, tmp_path):
+    trained = trained_from_config(qlora)
+    result = export_model(trained, tmp_path / "merged")  # its own check: merged logits = full-precision base + adapter
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config and result.export_dir == tmp_path / "merged"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    quantized, _ = load_for_inference(trained)
+    with torch.no_grad():
+        drift = (merged(IDS).logits - quantized(IDS).logits).abs().max().item()
+    assert drift > 1e-4  # the merge used the full-precision weights, not the quantized ones the adapter was trained on
+
+
+def test_a_qlora_run_resumes_exactly(tmp_path, model_dir, alpaca_rows_file):
+    full, again = run_and_resume(lambda path, **values: _train(path, model_dir, alpaca_rows_file, **values), tmp_path, 3,
+                                 gradient_checkpointing=True)
+    a, b = metrics_of(full), metrics_of(again)
+    assert [r["step"] for r in b if "loss" in r] == [4, 5, 6]
+    for ra, rb in zip([r for r in a if r["step"] > 3], b):
+        assert ra.get("loss") == pytest.approx(rb.get("loss"), rel=1e-5), ra["step"]
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(finetuning_type="full"), "quantization_bit: 4 trains LoRA on a frozen quantized base, and finetuning_type is full"),
+    (dict(fsdp=True), "quantization_bit with fsdp: sharding a quantized base is not in sftlab"),
+    (dict(pissa_init=True, pissa_convert=True), "pissa_init with quantization_bit"),
+    (dict(quantization_bit=3), "quantization_bit: Input should be 4 or 8"),
+])
+def test_impossible_qlora_settings_are_one_line_errors(over, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, model_name_or_path="m", dataset="d", **{"quantization_bit": 4, **over})
+
+
+def test_a_prequantized_checkpoint_names_what_it_needs(tmp_path, model_dir):
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    cfg = load_config(None, model_name_or_path=str(gptq), dataset="d")
+    with pytest.raises(SftlabError, match=r"is a gptq checkpoint: .*quantization_bit: 4"):
+        load_model(cfg, gptq, torch.device("cpu"))
