@@ -47,7 +47,7 @@ def load_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> PreTrai
     frozen_half = device.type == "cuda" and cfg.finetuning_type != "full" and (cfg.bf16 or cfg.fp16)
     dtype = (torch.bfloat16 if cfg.bf16 else torch.float16) if frozen_half else torch.float32
     quant = Quantization.recorded(cfg)
-    quantized = {} if quant is None else {"quantization_config": quant.bnb_config(_precision_dtype(cfg)), "device_map": {"": str(device)}}
+    quantized = {} if quant is None else quant.load_kwargs(_precision_dtype(cfg), device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
@@ -469,7 +469,7 @@ def load_for_inference(trained: Trained, device: torch.device | str = "cpu", dty
     tokenizer = inference_tokenizer(trained, trust_remote_code)
     tokenizer.padding_side = "left"
     quant = trained.quantization
-    quantized = {} if quant is None else {"quantization_config": quant.bnb_config(dtype), "device_map": {"": str(device)}}
+    quantized = {} if quant is None else quant.load_kwargs(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(trained.model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **quantized)
     if quant is not None:
         quiet_bitsandbytes()

@@ -49,21 +49,30 @@ class Quantization:
                                   bnb_4bit_compute_dtype=compute_dtype)
 
 
+    def load_kwargs(self, compute_dtype: torch.dtype, device: torch.device | str) -> dict[str, Any]:
+        """What ``from_pretrained`` takes to load the base quantized, whole, on ``device``."""
+        return {"quantization_config": self.bnb_config(compute_dtype), "device_map": {"": str(device)}}
+
+
 def quiet_bitsandbytes() -> None:
     """bitsandbytes' 8-bit matmul warns on every call that fp32 inputs are cast to fp16 (how LLM.int8 works)."""
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
+def prequantized_method(model_dir: Path) -> str | None:
+    """How the checkpoint in ``model_dir`` was quantized by its publisher (its config.json's quantization_config:
+    "gptq", "awq", "bitsandbytes", …; "quantized" when it does not say); None for full-precision weights."""
+    path = Path(model_dir) / "config.json"
+    quant = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") if path.is_file() else None
+    if not quant:
+        return None
+    return quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+
+
 def check_prequantized(model_dir: Path) -> None:
     """A checkpoint quantized by its publisher (GPTQ, AWQ, …) that sftlab cannot train here: SftlabError naming it."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return
-    quant = json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
-    if not quant:
-        return
-    method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
-    if method == "bitsandbytes":
+    method = prequantized_method(model_dir)
+    if method is None or method == "bitsandbytes":
         return  # a bitsandbytes checkpoint loads through bitsandbytes, as quantization_bit does
     raise SftlabError(f"{model_dir} is a {method} checkpoint: training on its pre-quantized weights needs that method's kernels "
                       f"(GPTQ: gptqmodel + optimum, AWQ: autoawq, on a CUDA GPU), which sftlab does not install; train on the "
