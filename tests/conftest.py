@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,6 +102,31 @@ def alpaca_file(tmp_path) -> Path:
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(ALPACA_ROWS), encoding="utf-8")
     return path
+
+
+def sftlab_cli(*args, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """``python -m sftlab.cli ARGS`` (text output captured; ``kw`` as for subprocess.run) in a process group of its own,
+    which is killed when the command ends, fails or runs past ``timeout`` seconds (torchrun's ranks included; the test
+    then fails with the end of what it printed): a run that hangs cannot outlive its test and slow down the ones after it."""
+    cmd = [sys.executable, "-m", "sftlab.cli", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"sftlab {' '.join(cmd[3:])} still ran after {timeout} s; its stderr ends:\n{err[-3000:]}")
+    finally:
+        _kill_group(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the command and everything it started have ended
+        pass
+    proc.wait()
 
 
 def write_config(path: Path, **values) -> Path:

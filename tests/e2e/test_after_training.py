@@ -3,20 +3,18 @@ compare, predict, chat through stdin, and export through the CLI."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ALPACA_ROWS, write_config
+from conftest import ALPACA_ROWS, sftlab_cli, write_config
 from sftlab.config import load_config
 from sftlab.evaluate.results import EvalResults, read_predictions
 from sftlab.train.run import run_training
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "sftlab.cli", *args], capture_output=True, text=True, timeout=600, **kw)
+    return sftlab_cli(*args, **kw)
 
 
 @pytest.fixture(scope="module")

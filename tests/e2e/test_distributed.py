@@ -3,15 +3,13 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_config
+from conftest import sftlab_cli, write_config
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
 from sftlab.train.launch import launched, torchrun_command
@@ -36,8 +34,7 @@ def _run(tmp_path, name, model_dir, data, nproc, accumulation, **over):
             _BASELINES[key] = run_training(load_config(cfg))
         return _BASELINES[key], None
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--nproc", str(nproc), "--master-port", str(29500 + os.getpid() % 1000)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = sftlab_cli("train", cfg, "--nproc", nproc, "--master-port", 29500 + os.getpid() % 1000, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path / name, done
 
@@ -240,8 +237,7 @@ def test_deepspeed_zero_trains_like_one_process(tmp_path, tiny_model_dir, alpaca
         values = dict(model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file), max_samples=7, val_size=2, lora_rank=4,
                       cutoff_len=128, output_dir=str(tmp_path / "again"), resume_from_checkpoint=str(two / "checkpoint-2"))
         cfg = write_config(tmp_path / "again.yaml", deepspeed=ds, **values)
-        failed = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--nproc", "3", "--master-port", str(29501 + os.getpid() % 1000)],
-                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        failed = sftlab_cli("train", cfg, "--nproc", 3, "--master-port", 29501 + os.getpid() % 1000, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert failed.returncode != 0 and "sharded over 2 process(es) and this run has 3" in " ".join(failed.stderr.split()), failed.stderr[-2000:]
         assert failed.stderr.count("error:") == 1 and "launching" not in failed.stderr  # said once, before any rank starts
         with pytest.raises(SftlabError, match="holds DeepSpeed's optimizer state, sharded per process"):

@@ -3,13 +3,11 @@ predicting only (with an adapter of an earlier run, or a predict YAML that names
 for impossible combinations, and the evaluation during training on eval_dataset."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ALPACA_ROWS, write_config
+from conftest import ALPACA_ROWS, sftlab_cli, write_config
 from sftlab.cli import app
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
@@ -28,7 +26,7 @@ TINY = dict(lora_rank=4, cutoff_len=128, max_new_tokens=4, per_device_eval_batch
 
 def _cli(*args, **kw):
     """The real console entry point, in a new process (how errors reach the user: one ``error:`` line)."""
-    return subprocess.run([sys.executable, "-m", "sftlab.cli", *args], capture_output=True, text=True, timeout=600, **kw)
+    return sftlab_cli(*args, **kw)
 
 
 def _invoke(*args):

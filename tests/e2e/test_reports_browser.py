@@ -2,11 +2,10 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import sftlab_cli
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
@@ -23,7 +22,7 @@ ROWS = [
 
 
 def _sftlab(*args, cwd):
-    done = subprocess.run([sys.executable, "-m", "sftlab.cli", "data", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    done = sftlab_cli("data", *args, cwd=cwd)
     assert done.returncode == 0, done.stderr
     return done
 

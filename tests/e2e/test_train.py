@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ALPACA_ROWS, write_config
+from conftest import ALPACA_ROWS, sftlab_cli, write_config
 from sftlab.config import load_config
 from sftlab.train.run import run_training
 
@@ -30,7 +30,7 @@ def _metrics(out):
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "sftlab.cli", *args], capture_output=True, text=True, **kw)
+    return sftlab_cli(*args, **kw)
 
 
 def test_train_cli_writes_model_checkpoints_metrics_and_tensorboard(tmp_path, tiny_model_dir, alpaca_file):

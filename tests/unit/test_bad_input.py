@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALPACA_ROWS, write_config
+from conftest import ALPACA_ROWS, sftlab_cli, write_config
 
 
 def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "sftlab.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return sftlab_cli(*args, cwd=cwd, env=env)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

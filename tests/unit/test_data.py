@@ -9,7 +9,7 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import ALPACA_ROWS
+from conftest import ALPACA_ROWS, sftlab_cli
 from sftlab.config import load_config
 from sftlab.data.formats import FormatSpec, RowError, detect_format, to_messages
 from sftlab.data.pipeline import build_data
@@ -126,29 +126,23 @@ def test_nothing_left_to_train_is_an_error(tmp_path, tiny_model_dir):
 
 
 def test_preview_text_marks_trained_spans_when_piped(tmp_path, tiny_model_dir, alpaca_file):
-    import subprocess
-    import sys
-
     from conftest import write_config
 
     cfg = write_config(tmp_path / "c.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(alpaca_file))
-    out = subprocess.run([sys.executable, "-m", "sftlab.cli", "data", "preview", str(cfg), "--n", "2"], capture_output=True, text=True)
+    out = sftlab_cli("data", "preview", cfg, "--n", "2")
     assert out.returncode == 0, out.stderr
     assert "<|im_start|>assistant\n[[Hi!<|im_end|>]]" in out.stdout and "[[4<|im_end|>]]" in out.stdout
     assert "sample 0 · kept" in out.stdout
 
 
 def test_preview_json_carries_per_sample_warnings(tmp_path, tiny_model_dir):
-    import subprocess
-    import sys
-
     from conftest import write_config
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"instruction": "Short?", "input": "", "output": "Yes"}, {"instruction": "Long " * 200, "input": "", "output": "No"}]))
     cfg = write_config(tmp_path / "c.yaml", model_name_or_path=str(tiny_model_dir), dataset=str(path), cutoff_len=64,
                        default_system="You answer briefly.")
-    out = subprocess.run([sys.executable, "-m", "sftlab.cli", "data", "preview", str(cfg), "--json"], capture_output=True, text=True)
+    out = sftlab_cli("data", "preview", cfg, "--json")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert rows[0]["status"] == "kept" and rows[0]["warnings"] == []

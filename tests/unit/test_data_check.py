@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from sftlab.data.check import (
 from sftlab.data.formats import FormatSpec, to_messages, to_text, to_tools
 from sftlab.data.rows import MALFORMED_JSON, NOT_AN_OBJECT, NOT_UTF8
 from sftlab.data.sources import resolve_sources
+from conftest import sftlab_cli
 
 # Each fixture: (row, expected problems as (kind, words in the message)). A row is a JSON value written
 # with json.dumps, or bytes written as they are (malformed JSON, bad UTF-8).
@@ -275,8 +275,7 @@ def test_empty_file_has_no_samples(tmp_path):
 
 def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "sftlab.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return sftlab_cli(*args, cwd=cwd, env=env, timeout=300)
 
 
 def test_cli_exit_codes_and_plain_output(tmp_path):

@@ -1,8 +1,6 @@
 """sftlab data convert (round trips, what a format cannot hold) and sftlab data sample."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -11,6 +9,7 @@ from sftlab.data.formats import FormatSpec, detect_format, to_messages, to_tools
 from sftlab.data.rows import iter_rows
 from sftlab.data.sources import Source
 from sftlab.errors import SftlabError
+from conftest import sftlab_cli
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 OPENAI_ROWS = [
@@ -110,7 +109,7 @@ def test_sample_is_seeded_uniform_and_in_file_order(tmp_path):
 
 def test_cli_sample_and_convert(tmp_path):
     src = _write(tmp_path / "in.jsonl", OPENAI_ROWS)
-    run = lambda *args: subprocess.run([sys.executable, "-m", "sftlab.cli", "data", *args], capture_output=True, text=True, cwd=tmp_path)  # noqa: E731
+    run = lambda *args: sftlab_cli("data", *args, cwd=tmp_path)  # noqa: E731
     shown = run("sample", str(src), "--n", "2", "-o", str(tmp_path / "s.jsonl"))
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.count("── ") == 2 and "assistant" in shown.stdout and len((tmp_path / "s.jsonl").read_text().splitlines()) == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from sftlab.data.rows import iter_rows
 from sftlab.data.sources import format_of, load_source, resolve_sources
 from sftlab.data.split import leakage, split
 from sftlab.errors import SftlabError
+from conftest import sftlab_cli
 
 _WORDS = ("the model learns from examples that show a task and its answer so every sample should be correct consistent "
           "and useful because repeated or wrong data teaches the wrong habit quickly while diverse prompts help it "
@@ -343,7 +343,7 @@ def test_leakage_finds_exact_near_and_same_prompt_overlaps(tmp_path):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sftlab.cli", "data", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return sftlab_cli("data", *args, cwd=cwd, timeout=120)
 
 
 def test_cli_dedup_and_split_end_to_end(tmp_path):

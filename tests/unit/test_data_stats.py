@@ -4,14 +4,13 @@ diversity, openings, and the command writing its report."""
 import json
 import random
 import statistics
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import sftlab_cli
 from sftlab.cli import app
 from sftlab.config import load_config
 from sftlab.data import stats as stats_module
@@ -233,7 +232,7 @@ def test_cli_writes_report_and_json(tmp_path, smol_dir):
 
 
 def test_cli_needs_data_and_model_or_a_config(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "sftlab.cli", "data", "stats", "x.jsonl"], capture_output=True, text=True, cwd=tmp_path)
+    run = sftlab_cli("data", "stats", "x.jsonl", cwd=tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == ("error: give the data and the model (sftlab data stats data.jsonl --model MODEL) "
                                                    "or a training config (sftlab data stats --config train.yaml)")

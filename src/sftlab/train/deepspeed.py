@@ -121,6 +121,17 @@ def _walk(d: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
+def _reduce_with_gloo() -> None:
+    """On a CPU, DeepSpeed compiles its shared-memory all-reduce kernels (``deepspeed_shm_comm``) when the process group
+    starts: a C++ build of 35–110 s on 2 cores at the first run, and one that is killed leaves torch's lock file in
+    ``~/.cache/torch_extensions``, on which every later run waits forever without a word. The ranks reduce with gloo
+    instead, as sftlab's DDP and FSDP runs do on a CPU; the op is marked unavailable in DeepSpeed's table of the ops
+    this machine can build, which DeepSpeed consults before building it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeed(Backend):
     """The backend of a ``deepspeed:`` run: ``prepare`` makes accelerate build DeepSpeed's engine, which the methods
     below drive. Under ZeRO-3 the weights are partitioned over the ranks."""
@@ -141,6 +152,8 @@ class DeepSpeed(Backend):
                                        max_grad_norm=cfg.max_grad_norm, precision=precision)
         # accelerate's cpu=True would turn DeepSpeed off: on a CPU, DeepSpeed is told its backend instead
         cpu = not torch.cuda.is_available()
+        if cpu:
+            _reduce_with_gloo()
         accelerator = Accelerator(mixed_precision=precision, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=filled),
                                   kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu else None)
         return cls(accelerator, cfg.deepspeed, zero_stage(ds))
