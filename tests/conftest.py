@@ -104,14 +104,16 @@ def alpaca_file(tmp_path) -> Path:
     return path
 
 
-def sftlab_cli(*args, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    """``python -m sftlab.cli ARGS`` (text output captured; ``kw`` as for subprocess.run) in a process group of its own,
-    which is killed when the command ends, fails or runs past ``timeout`` seconds (torchrun's ranks included; the test
-    then fails with the end of what it printed): a run that hangs cannot outlive its test and slow down the ones after it."""
+def sftlab_cli(*args, timeout: float = 600, input: str | None = None, **kw) -> subprocess.CompletedProcess:
+    """``python -m sftlab.cli ARGS`` (``input`` on its stdin, text output captured, ``kw`` as for subprocess.Popen) in a
+    process group of its own, which is killed when the command ends, fails or runs past ``timeout`` seconds (torchrun's
+    ranks included; the test then fails with the end of what it printed): a run that hangs cannot outlive its test and
+    slow down the ones after it."""
     cmd = [sys.executable, "-m", "sftlab.cli", *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else None, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **kw)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, err = proc.communicate()

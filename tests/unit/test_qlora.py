@@ -79,6 +79,10 @@ def test_export_merges_into_the_full_precision_base(qlora, tmp_path):
     with torch.no_grad():
         drift = (merged(IDS).logits - quantized(IDS).logits).abs().max().item()
     assert drift > 1e-4  # the merge used the full-precision weights, not the quantized ones the adapter was trained on
+    # export measures that drift itself on its verification conversations, says it and records it
+    recorded = json.loads((tmp_path / "merged" / "export.json").read_text())["quantized_drift"]
+    assert recorded == result.quantized_drift and 1e-4 < recorded < 100
+    assert any("QLoRA merge drift" in line and f"{recorded:.2e}" in line for line in result.lines())
 
 
 def test_a_qlora_run_resumes_exactly(tmp_path, model_dir, alpaca_rows_file):
@@ -88,6 +92,22 @@ def test_a_qlora_run_resumes_exactly(tmp_path, model_dir, alpaca_rows_file):
     assert [r["step"] for r in b if "loss" in r] == [4, 5, 6]
     for ra, rb in zip([r for r in a if r["step"] > 3], b):
         assert ra.get("loss") == pytest.approx(rb.get("loss"), rel=1e-5), ra["step"]
+
+
+def test_padded_padding_free_and_packed_qlora_runs_train_the_same_step(tmp_path, model_dir, alpaca_rows_file):
+    """One optimizer step over all 8 samples on the 4-bit base: the same loss, grad norm and tokens whatever the batch
+    layout (the 4-bit matmul sees rows of another shape, and packed rows hold several samples)."""
+    records = {}
+    for name, over in {"padded": {"padding_free": False}, "padding_free": {}, "packing": {"packing": True}}.items():
+        cfg = _train(tmp_path / name, model_dir, alpaca_rows_file, max_steps=-1, num_train_epochs=1, val_size=0, eval_steps=None,
+                     per_device_train_batch_size=8, **over)
+        [records[name]] = [r for r in metrics_of(cfg) if "loss" in r]
+    padded = records["padded"]
+    for name in ("padding_free", "packing"):
+        r = records[name]
+        assert r["loss"] == pytest.approx(padded["loss"], rel=1e-5), name
+        assert r["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4), name
+        assert (r["tokens"], r["trained_tokens"]) == (padded["tokens"], padded["trained_tokens"]), name
 
 
 @pytest.mark.parametrize("over, message", [

@@ -31,6 +31,7 @@ from sftlab.data.render import end_of_turn_token, render
 from sftlab.errors import SftlabError
 from sftlab.files import fsync_tree, replace_dir
 from sftlab.model.load import ADAPTER_CONFIG, Trained, inference_tokenizer, load_for_inference, untie_diverged
+from sftlab.model.quantize import quant_method
 
 EXPORT_JSON = "export.json"
 
@@ -71,7 +72,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class ExportResult:
     """What was written. ``max_abs_diff``: max |logit difference| between the export (reloaded, computed in fp32)
     and the model it replaces (adapter model or original full model), over the verification conversations; it
-    includes the rounding to ``dtype``. ``adapter_effect``: max |logit difference| the adapter makes to its base."""
+    includes the rounding to ``dtype``. ``adapter_effect``: max |logit difference| the adapter makes to its base.
+    ``quantized_drift`` (QLoRA): max |logit difference| between the model as it trained (the quantized base + adapter)
+    and the full-precision base + adapter that is exported: what users see as "QLoRA merge drift"."""
 
     export_dir: Path
     n_shards: int
@@ -83,6 +86,7 @@ class ExportResult:
     adapter_effect: float | None
     source: str
     n_conversations: int
+    quantized_drift: float | None = None
 
     def lines(self) -> list[str]:
         what = f"merged {self.source}" if self.merged else f"re-saved {self.source} (no adapter: nothing to merge)"
@@ -99,6 +103,9 @@ class ExportResult:
             if self.adapter_effect <= self.tolerance:
                 out.append("warning: the adapter barely changes the base model (its effect is within the tolerance), "
                            "so the check cannot tell a merged adapter from a missing one")
+        if self.quantized_drift is not None:
+            out.append(f"the model as trained, on the quantized base, differs from this full-precision merge by up to "
+                       f"{self.quantized_drift:.2e} (QLoRA merge drift: the base's quantization error, not a merge error)")
         return out
 
 
@@ -120,6 +127,7 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
     arguments; and, with nothing written, when a check fails.
     """
     say = on_progress or (lambda _msg: None)
+    as_trained = trained
     if trained.quantization is not None:  # QLoRA: never merge into quantized weights, which would round the adapter away
         say(f"the adapter was trained on the {trained.quantization.describe()} quantized base; merging it into the full-precision "
             f"{trained.model_dir}")
@@ -128,11 +136,19 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
     out_dtype = _check_request(trained, export_dir, shard_gb, verify_samples, dtype)
     merged = trained.adapter_dir is not None
 
+    trained_logits = None
+    if as_trained.quantization is not None:  # loaded first and dropped: the two models are never in memory together
+        say(f"computing the logits of {as_trained.describe()}, the model as it trained")
+        model, tokenizer = load_for_inference(as_trained, "cpu", torch.float32, trust_remote_code)
+        trained_logits = _logits(model, _verification_inputs(tokenizer, verify_samples))
+        del model
+        gc.collect()
     say(f"loading {trained.describe()} (float32, CPU)")
     model, tokenizer = load_for_inference(trained, "cpu", torch.float32, trust_remote_code)
     inputs = _verification_inputs(tokenizer, verify_samples)
     say(f"computing reference logits on {len(inputs)} chat conversations")
     reference = _logits(model, inputs)
+    quantized_drift = None if trained_logits is None else _max_diff(trained_logits, reference)
     tolerance = rtol * max(1.0, max(r.abs().max().item() for r in reference))
     adapter_effect = None
     current = reference  # logits of the model in memory, computed in fp32
@@ -188,6 +204,7 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
             "max_abs_diff": max_abs_diff,
             "tolerance": tolerance,
             "adapter_effect": adapter_effect,
+            "quantized_drift": quantized_drift,
             "verified_on": len(inputs),
             "shards": len(shards),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -202,7 +219,7 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(export_dir, len(shards), size, max_abs_diff, merged, _dtype_name(out_dtype), tolerance,
-                        adapter_effect, trained.describe(), len(inputs))
+                        adapter_effect, trained.describe(), len(inputs), quantized_drift)
 
 
 def _check_request(trained: Trained, export_dir: Path, shard_gb: float, verify_samples: int,
@@ -213,9 +230,8 @@ def _check_request(trained: Trained, export_dir: Path, shard_gb: float, verify_s
     if not 1 <= verify_samples <= len(CONVERSATIONS):
         raise SftlabError(f"verify_samples: {verify_samples} — use 1..{len(CONVERSATIONS)} verification conversations")
     config = json.loads((trained.model_dir / "config.json").read_text(encoding="utf-8"))
-    quant = config.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+    method = quant_method(config)
+    if method is not None:
         if trained.adapter_dir is not None:
             raise SftlabError(
                 f"{trained.model_dir} is a quantized model ({method}): merging into quantized weights rounds the adapter away "

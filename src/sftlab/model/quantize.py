@@ -48,7 +48,6 @@ class Quantization:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.kind, bnb_4bit_use_double_quant=self.double,
                                   bnb_4bit_compute_dtype=compute_dtype)
 
-
     def load_kwargs(self, compute_dtype: torch.dtype, device: torch.device | str) -> dict[str, Any]:
         """What ``from_pretrained`` takes to load the base quantized, whole, on ``device``."""
         return {"quantization_config": self.bnb_config(compute_dtype), "device_map": {"": str(device)}}
@@ -59,14 +58,19 @@ def quiet_bitsandbytes() -> None:
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
-def prequantized_method(model_dir: Path) -> str | None:
-    """How the checkpoint in ``model_dir`` was quantized by its publisher (its config.json's quantization_config:
-    "gptq", "awq", "bitsandbytes", …; "quantized" when it does not say); None for full-precision weights."""
-    path = Path(model_dir) / "config.json"
-    quant = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") if path.is_file() else None
+def quant_method(config: dict) -> str | None:
+    """How a model's config.json (parsed) says its publisher quantized it (its quantization_config: "gptq", "awq",
+    "bitsandbytes", …; "quantized" when it does not say); None for full-precision weights."""
+    quant = config.get("quantization_config")
     if not quant:
         return None
     return quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+
+
+def prequantized_method(model_dir: Path) -> str | None:
+    """``quant_method`` of the checkpoint in ``model_dir``; None without a config.json."""
+    path = Path(model_dir) / "config.json"
+    return quant_method(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
 def check_prequantized(model_dir: Path) -> None:
