@@ -2,36 +2,50 @@
 saved adapter changes what the model generates."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SMOL_ID, write_config
+from conftest import SMOL_ID, sftlab_cli, write_config
 from sftlab.config import load_config
-from sftlab.train.run import run_training
 
 pytestmark = pytest.mark.slow
 
+# glibc keeps freed blocks of 128 KiB to 32 MiB in its heaps, so a CPU run's peak RSS mostly measures what it once
+# held (docs/performance.md); with the mmap threshold fixed, the RSS follows the memory the run holds at each moment.
+HELD_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
-def _learn_the_codeword(tmp_path, **over):
-    """Six steps on 8 samples whose answer is always BANANA-42; the config (the loss asserted to fall 4×)."""
+
+def _learn_the_codeword(path, **over):
+    """``sftlab train``, in a process of its own: six steps on 8 samples whose answer is always BANANA-42; the config
+    and the run's peak memory (the loss asserted to fall 4×)."""
     rows = [{"instruction": f"Codeword {i}?", "input": "", "output": "BANANA-42"} for i in range(8)]
-    data = tmp_path / "codeword.json"
+    data = path / "codeword.json"
     data.write_text(json.dumps(rows))
-    cfg = load_config(write_config(
-        tmp_path / "c.yaml", model_name_or_path=SMOL_ID, dataset=str(data), output_dir=str(tmp_path / "out"),
+    config = write_config(
+        path / "c.yaml", model_name_or_path=SMOL_ID, dataset=str(data), output_dir=str(path / "out"),
         max_steps=6, per_device_train_batch_size=4, learning_rate=2e-3, logging_steps=1, lora_rank=8,
         lr_scheduler_type="constant", cutoff_len=128, **over,
-    ))
-    out = run_training(cfg)
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    )
+    done = sftlab_cli("train", config, env={**os.environ, **HELD_MEMORY})
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0] / 4
-    return cfg
+    return load_config(path / "out" / "config.yaml"), max(r["peak_memory_gb"] for r in records if "peak_memory_gb" in r)
 
 
-def test_smollm2_lora_learns_a_reply(tmp_path, smol_dir):
-    out = Path(_learn_the_codeword(tmp_path).output_dir)
+@pytest.fixture(scope="module")
+def codeword(tmp_path_factory):
+    """The codeword run with LoRA and with QLoRA (4-bit base): {name: (config, peak memory in GiB)}."""
+    return {name: _learn_the_codeword(tmp_path_factory.mktemp(name), **over)
+            for name, over in (("lora", {}), ("qlora", {"quantization_bit": 4}))}
+
+
+def test_smollm2_lora_learns_a_reply(codeword, smol_dir):
+    out = Path(codeword["lora"][0].output_dir)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,13 +60,13 @@ def test_smollm2_lora_learns_a_reply(tmp_path, smol_dir):
     assert text.startswith("BANANA-42") and "<|im_end|>" in text  # learnt the answer and to stop
 
 
-def test_smollm2_qlora_learns_a_reply_on_a_base_in_a_fraction_of_the_memory(tmp_path, smol_dir):
-    """4-bit NF4 base: the loss falls as with LoRA, and chat (which reloads the recorded quantized base) answers it;
-    the loaded base holds its decoder weights in ~0.53 B each instead of 4."""
+def test_smollm2_qlora_learns_a_reply_in_less_memory_than_lora(codeword, smol_dir):
+    """4-bit NF4 base: the loss falls as with LoRA, and chat (which reloads the recorded quantized base) answers it.
+    The loaded base holds its decoder weights in ~0.53 B each instead of 4, and the run's peak memory is below LoRA's."""
     from sftlab.infer.generate import GenerationSettings, generate, prompt_ids
     from sftlab.model.load import load_for_inference, load_model, trained_from_config
 
-    cfg = _learn_the_codeword(tmp_path, quantization_bit=4)
+    cfg, peak = codeword["qlora"]
     model, tokenizer = load_for_inference(trained_from_config(cfg))
     asked = prompt_ids(tokenizer, [{"role": "user", "content": "Codeword 99?"}])
     (reply,) = generate(model, tokenizer, [asked], GenerationSettings(max_new_tokens=12))
@@ -60,3 +74,6 @@ def test_smollm2_qlora_learns_a_reply_on_a_base_in_a_fraction_of_the_memory(tmp_
     plain = load_model(cfg.model_copy(update={"quantization_bit": None}), smol_dir, torch.device("cpu"))
     quantized = load_model(cfg, smol_dir, torch.device("cpu"))
     assert quantized.get_memory_footprint() < 0.6 * plain.get_memory_footprint()
+    lora_peak = codeword["lora"][1]
+    # measured 1.25 vs 1.38 GiB: the 0.4 GB of full-precision decoder weights, less quantizing them while loading
+    assert peak < 0.95 * lora_peak, (peak, lora_peak)

@@ -18,7 +18,8 @@ from sftlab.evaluate.results import EvalResults
 from sftlab.evaluate.runs import evaluate_runs
 from sftlab.export.merge import export_model
 from sftlab.model.assets import tiny_llama
-from sftlab.model.load import load_for_inference, load_model, locate_trained, trained_from_config
+from sftlab.model.load import Trained, load_for_inference, load_model, locate_trained, trained_from_config
+from sftlab.model.quantize import Quantization
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,6 +54,25 @@ def test_the_base_is_quantized_frozen_and_lora_trains_in_fp32(model_dir):
     assert trained and all("lora_" in n and p.dtype == torch.float32 for n, p in trained.items())
     norm = model.base_model.model.model.norm.weight
     assert norm.dtype == torch.float32 and not norm.requires_grad
+
+
+def _in_mapped_file(path: Path, model) -> list[str]:
+    """The parameters of ``model`` whose memory lies in a mapping of the file ``path`` (this process's /proc/self/maps)."""
+    ranges = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in Path("/proc/self/maps").read_text().splitlines()
+              if line.endswith(str(path))]
+    return [n for n, p in model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
+
+
+def test_a_quantized_base_keeps_no_full_precision_weights_mapped(model_dir):
+    """The weights left unquantized are copied out of the safetensors file, so its full-precision pages are let go."""
+    weights = (model_dir / "model.safetensors").resolve()
+    plain = load_model(load_config(None, model_name_or_path=str(model_dir), dataset="d", lora_rank=4), model_dir, torch.device("cpu"))
+    assert _in_mapped_file(weights, plain)  # a plain load reads the weights in place
+    del plain
+    cfg = load_config(None, model_name_or_path=str(model_dir), dataset="d", quantization_bit=4, lora_rank=4)
+    assert _in_mapped_file(weights, load_model(cfg, model_dir, torch.device("cpu"))) == []
+    model, _ = load_for_inference(Trained(model_dir, None, model_dir, quantization=Quantization(4)))
+    assert _in_mapped_file(weights, model) == []
 
 
 def test_qlora_trains_and_reloads_on_the_same_quantized_base(qlora):
