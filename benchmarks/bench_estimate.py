@@ -1,6 +1,6 @@
 """Measured peak memory of real training runs vs ``sftlab estimate`` (the table in docs/estimate.md).
 
-    .venv/bin/python benchmarks/bench_estimate.py [--points tiny|smol|bf16|all] [--steps 2] [--out estimate.md]
+    .venv/bin/python benchmarks/bench_estimate.py [--points tiny|smol|bf16|qlora|all] [--steps 2] [--out estimate.md]
 
 Each point is one ``sftlab train`` run in its own process, started from a small wrapper process (a child's
 ``ru_maxrss`` starts from the RSS of the process it was forked from), on generated samples that all have about
@@ -29,6 +29,7 @@ POINTS = {
              (SMOL, "lora", 2, 1024, {}), (SMOL, "lora", 8, 256, {"gradient_checkpointing": True}),
              (SMOL, "full", 2, 1024, {"gradient_checkpointing": True}), (SMOL, "lora", 4, 256, {"padding_free": False})],
     "bf16": [(SMOL, "lora", 4, 512, {"bf16": True}), (SMOL, "full", 2, 512, {"bf16": True})],  # CPUs with AVX-512 bf16 / AMX only
+    "qlora": [(SMOL, "lora", 4, 512, {"quantization_bit": 4}), (SMOL, "lora", 4, 512, {"quantization_bit": 8})],  # bitsandbytes
 }
 _WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
             "print(p.stderr[-2000:] if p.returncode else '', file=sys.stderr); sys.exit(p.returncode)")

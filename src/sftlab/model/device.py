@@ -42,7 +42,16 @@ def mixed_precision(cfg: SFTConfig) -> str:
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory so far: allocated GPU memory on CUDA, the process's peak RSS elsewhere."""
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak RSS elsewhere.
+
+    On Linux the peak RSS is VmHWM, this program's own: ru_maxrss starts from the RSS of the process it was forked
+    from (a run started by the web UI, a test or a benchmark would report its parent's memory as its own)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
