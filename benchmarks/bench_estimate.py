@@ -2,9 +2,8 @@
 
     .venv/bin/python benchmarks/bench_estimate.py [--points tiny|smol|bf16|qlora|all] [--steps 2] [--out estimate.md]
 
-Each point is one ``sftlab train`` run in its own process, started from a small wrapper process (a child's
-``ru_maxrss`` starts from the RSS of the process it was forked from), on generated samples that all have about
-the same length, so every micro-batch is the worst one. The measured peak is the largest ``peak_memory_gb``
+Each point is one ``sftlab train`` run in its own process (its peak RSS is its own VmHWM), on generated samples that
+all have about the same length, so every micro-batch is the worst one. The measured peak is the largest ``peak_memory_gb``
 of metrics.jsonl (peak RSS on CPU, max_memory_allocated on a GPU); the estimate is ``plan.estimate.memory`` for the tokens per sample
 and trained share the run logged, on this machine's device (on a GPU, without the runtime row, as
 ``max_memory_allocated`` excludes it).
@@ -31,8 +30,6 @@ POINTS = {
     "bf16": [(SMOL, "lora", 4, 512, {"bf16": True}), (SMOL, "full", 2, 512, {"bf16": True})],  # CPUs with AVX-512 bf16 / AMX only
     "qlora": [(SMOL, "lora", 4, 512, {"quantization_bit": 4}), (SMOL, "lora", 4, 512, {"quantization_bit": 8})],  # bitsandbytes
 }
-_WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
-            "print(p.stderr[-2000:] if p.returncode else '', file=sys.stderr); sys.exit(p.returncode)")
 
 
 def rows_of_length(tokens: int, n: int) -> list[dict]:
@@ -50,7 +47,7 @@ def run_point(model: str, finetuning_type: str, batch: int, tokens: int, extra: 
                save_steps=10**6, cutoff_len=tokens + 64, plot_loss=False, **extra)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     sftlab = Path(sys.executable).parent / "sftlab"
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, str(sftlab), "train", str(work / "config.yaml")], capture_output=True, text=True)
+    proc = subprocess.run([str(sftlab), "train", str(work / "config.yaml")], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"training failed: {proc.stderr.strip()[-500:]}")
     records = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]
