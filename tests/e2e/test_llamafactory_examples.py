@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from sftlab.cli import app
@@ -116,13 +117,33 @@ def test_deepspeed_example_finds_its_config_relative_to_the_working_directory(lf
     assert check_deepspeed(cfg)["zero_optimization"]["stage"] == 3
 
 
-def test_qlora_example_trains_on_a_4_bit_base(lf_root, smol_dir, tmp_path_factory, monkeypatch):
-    """examples/extras/fsdp_qlora/llama3_lora_sft.yaml (quantization_bit: 4), in one process: LLaMA-Factory shards
-    it through an accelerate config, not the YAML. The tiny model is 64 wide (bitsandbytes' CPU blocks)."""
+@pytest.fixture(scope="module")
+def tiny_64(tmp_path_factory, smol_dir):
+    """The tiny Llama 64 wide: bitsandbytes' CPU 4-bit kernels quantize rows in blocks of 64."""
     from sftlab.model.assets import tiny_llama
 
-    model = tiny_llama(smol_dir, tmp_path_factory.mktemp("tiny64") / "tiny-64", hidden=64)
-    _run(lf_root, monkeypatch, "train", "examples/extras/fsdp_qlora/llama3_lora_sft.yaml", f"model_name_or_path={model}", *SMALL,
+    return tiny_llama(smol_dir, tmp_path_factory.mktemp("tiny-64") / "tiny-64", hidden=64)
+
+
+def test_qlora_example_trains_on_a_4_bit_base(lf_root, tiny_64, monkeypatch):
+    """examples/extras/fsdp_qlora/llama3_lora_sft.yaml (quantization_bit: 4), in one process: LLaMA-Factory shards
+    it through an accelerate config, not the YAML."""
+    _run(lf_root, monkeypatch, "train", "examples/extras/fsdp_qlora/llama3_lora_sft.yaml", f"model_name_or_path={tiny_64}", *SMALL,
          "overwrite_output_dir=true")
     out = lf_root / "saves/llama3-8b/lora/sft"
     assert (out / "adapter_model.safetensors").is_file() and "quantization_bit: 4" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("example, double", [("qwen3_lora_sft_otfq.yaml", True), ("qwen3_lora_sft_bnb_npu.yaml", False)])
+def test_qlora_examples_train_on_a_4bit_base_that_chat_loads_again(lf_root, tiny_64, monkeypatch, example, double):
+    """examples/train_qlora/*: quantization_bit 4 with bnb, on the fly; the run records the quantization, so chat
+    loads the same 4-bit base from the adapter's config alone."""
+    out = f"saves/qlora-{example.removesuffix('.yaml')}"
+    _run(lf_root, monkeypatch, "train", f"examples/train_qlora/{example}", f"model_name_or_path={tiny_64}", *SMALL,
+         f"output_dir={out}")
+    run = yaml.safe_load((lf_root / out / "config.yaml").read_text(encoding="utf-8"))
+    assert (run["quantization_bit"], run["quantization_method"], run["double_quantization"]) == (4, "bnb", double)
+    assert (lf_root / out / "adapter_model.safetensors").is_file()
+    reply = _run(lf_root, monkeypatch, "chat", f"{out}/config.yaml", "--max-new-tokens", "4", stdin="Who are you?\n")
+    assert reply.strip()
+    assert f"(4-bit (nf4{', double' if double else ''}))" in reply, reply
