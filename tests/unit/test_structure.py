@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "sftlab"
 
 # docs/architecture.md, bottom to top; a module may import its own floor and the ones below
 FLOORS = {"compat": 0, "config": 0, "errors": 0, "files": 0, "data": 1, "model": 1, "infer": 2, "evaluate": 3, "export": 3, "report": 3,
-          "plan": 3, "train": 4, "webui": 5, "cli": 6}
+          "plan": 3, "train": 4, "serve": 4, "webui": 5, "cli": 6}
 
 
 def _modules() -> dict[str, Path]:

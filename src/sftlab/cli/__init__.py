@@ -1,4 +1,4 @@
-"""The ``sftlab`` command: thin verbs over the workflow functions, one module per family (data, run, infer, plan).
+"""The ``sftlab`` command: thin verbs over the workflow functions, one module per family (data, run, infer, plan, serve).
 
 Each verb imports what it runs inside itself, so a bad argument or config is reported before torch and
 transformers are imported.
@@ -13,7 +13,7 @@ import warnings
 
 import typer
 
-from sftlab.cli import data, infer, plan, run
+from sftlab.cli import data, infer, plan, run, serve
 from sftlab.errors import SftlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Supervised fine-tuning of LLMs, correct by construction.")
@@ -27,6 +27,8 @@ app.command("compare")(infer.compare_command)
 app.command("predict")(infer.predict_command)
 app.command("chat")(infer.chat_command)
 app.command("export")(infer.export_command)
+app.command("serve")(serve.serve_command)
+app.command("api", help="Alias of serve (LLaMA-Factory's verb).")(serve.serve_command)
 app.command("report")(run.report_command)
 app.command("estimate")(plan.estimate_command)
 app.command("suggest")(plan.suggest_command)
