@@ -6,8 +6,12 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -85,6 +89,26 @@ def tiny_model_dir(tmp_path_factory, smol_dir) -> Path:
     return tiny_llama(smol_dir, tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter on every linear layer of the tiny model with random non-zero B (a fresh adapter's B is zero, which
+    would make any merge trivially exact), saved as training saves one: with the tokenizer and its chat template."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("adapter") / "lora"
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
 ALPACA_ROWS = [
     {"instruction": "Say hi", "input": "", "output": "Hi!"},
     {"instruction": "Add the numbers", "input": "2+2", "output": "4"},
@@ -121,6 +145,39 @@ def sftlab_cli(*args, timeout: float = 600, input: str | None = None, **kw) -> s
     finally:
         _kill_group(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@contextmanager
+def cli_server(*args, api_key: str | None = None):
+    """``sftlab serve ARGS --port P`` in its own process group; yields the base URL once /health answers."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a server that logs much never blocks on it
+    proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "serve", *map(str, args), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny matrices: one thread is fastest
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"sftlab serve ended ({proc.returncode}):\n{log.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1, headers=headers).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("sftlab serve did not answer /health within a minute")
+        yield url
+    finally:
+        _kill_group(proc)
+        log.close()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -115,7 +115,7 @@ FOREIGN: dict[str, Foreign] = {
     **_accepted("freeze_vision_tower=true freeze_multi_modal_projector=true freeze_language_model", "only for vision/audio models, which sftlab does not train"),
     # ---- export
     **_accepted("export_device=cpu", "the device export merges on: the merged weights are the same (sftlab merges in fp32 and checks the logits)"),
-    **_refused("export_quantization_bit", "quantized export (GPTQ) is not in sftlab: export the merged model, then sftlab export --gguf with a quantization type"),
+    **_refused("export_quantization_bit", "quantized export (GPTQ) is not in sftlab: use sftlab export --format gguf --quant q8_0 (or q4_k_m with llama-cpp-python)"),
     **_accepted("export_quantization_dataset export_quantization_nsamples=128 export_quantization_maxlen=1024", _sub("export_quantization_bit")),
     **_refused("export_legacy_format", "sftlab writes safetensors, which every current loader reads"),
     **_refused("export_hub_model_id", _NO_HUB),

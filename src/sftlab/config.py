@@ -185,6 +185,8 @@ class SFTConfig(BaseModel):
     do_sample: bool | None = Field(None, description="LLaMA-Factory's key: false means greedy decoding whatever temperature says; true needs temperature > 0 (unset: temperature decides).")
     export_dir: str | None = Field(None, description="sftlab export: where the merged model goes.")
     export_size: float = Field(5.0, gt=0, description="sftlab export: largest safetensors shard in GB.")
+    export_format: Literal["hf", "gguf"] = Field("hf", description="sftlab export: hf writes the merged model as safetensors; gguf also writes model-<export_quant>.gguf and an Ollama Modelfile beside them (docs/gguf.md).")
+    export_quant: str = Field("q8_0", description="sftlab export with export_format gguf: the GGUF's type — f16, bf16, q8_0 (written by the gguf package), or q4_k_m, q5_k_m, q6_k… (needs llama-cpp-python).")
 
     # --- logging and saving
     logging_steps: int = Field(10, ge=1, description="Log train loss, lr, grad norm and speed every N steps.")
@@ -314,7 +316,7 @@ class SFTConfig(BaseModel):
 
 # Keys sftlab declares that neither LLaMA-Factory nor the Hugging Face Trainer has (tests/unit/test_llamafactory_keys.py
 # checks this set against their lists, so that every other key above is one of theirs with the same meaning).
-OWN_KEYS = frozenset({"do_eval_baseline", "early_stopping_patience", "early_stopping_threshold", "eval_scorers", "fsdp_state_dict_type",
+OWN_KEYS = frozenset({"do_eval_baseline", "early_stopping_patience", "early_stopping_threshold", "eval_scorers", "export_format", "export_quant", "fsdp_state_dict_type",
                       "masking", "nan_policy", "padding_free", "peak_tflops", "thinking"})
 
 

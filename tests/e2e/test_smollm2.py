@@ -77,3 +77,26 @@ def test_smollm2_qlora_learns_a_reply_in_less_memory_than_lora(codeword, smol_di
     lora_peak = codeword["lora"][1]
     # measured 1.25 vs 1.38 GiB: the 0.4 GB of full-precision decoder weights, less quantizing them while loading
     assert peak < 0.95 * lora_peak, (peak, lora_peak)
+
+
+def test_smollm2_lora_run_exports_to_gguf_that_serves_the_learnt_reply(codeword, tmp_path):
+    """The trained adapter → `sftlab export --format gguf` (q8_0, through the parity gate) → `sftlab serve` on the GGUF
+    file alone (its own tokenizer and chat template) → the real openai client gets the learnt answer, and stops."""
+    import openai
+
+    from conftest import cli_server
+
+    cfg = codeword["lora"][0]
+    target = tmp_path / "export"
+    done = sftlab_cli("export", Path(cfg.output_dir) / "config.yaml", "--format", "gguf", "--quant", "q8_0", "--export-dir", target)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parity: token ids identical across training, export, GGUF, server" in done.stdout
+    record = json.loads((target / "export.json").read_text())
+    assert record["gguf"]["file"] == "model-q8_0.gguf" and record["parity"]["generation"]["GGUF"]["identical_greedy"] >= 3
+    assert 'PARAMETER stop "<|im_end|>"' in (target / "Modelfile").read_text()
+    with cli_server("--model", target / "model-q8_0.gguf") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=12,
+                                               messages=[{"role": "user", "content": "Codeword 99?"}])
+    choice = reply.choices[0]
+    assert choice.message.content.startswith("BANANA-42") and choice.finish_reason == "stop", choice

@@ -22,24 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A LoRA adapter on every linear layer with random non-zero B (a fresh adapter's B is zero, which would make
-    any merge trivially exact), saved as training saves one: with the tokenizer and its chat template."""
-    from peft import LoraConfig, get_peft_model
-
-    out = tmp_path_factory.mktemp("adapter") / "lora"
-    torch.manual_seed(1)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), lora)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.1)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model_dir, adapter_dir):
     return export_model(locate_trained(str(tiny_model_dir), str(adapter_dir)), tmp_path_factory.mktemp("export") / "merged")
 

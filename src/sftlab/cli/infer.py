@@ -133,14 +133,20 @@ def export_command(
     adapter: Optional[str] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
     export_dir: Optional[str] = typer.Option(None, "--export-dir", help="Where the merged model goes (default: the config's export_dir)."),
     export_size: Optional[float] = typer.Option(None, "--export-size", help="Largest safetensors shard in GB (default 5)."),
+    export_format: Optional[str] = typer.Option(None, "--format", help="hf (safetensors), or gguf: also model-<quant>.gguf and an Ollama Modelfile."),
+    export_quant: Optional[str] = typer.Option(None, "--quant", help="GGUF type: f16, bf16, q8_0 (default); q4_k_m… with llama-cpp-python."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity gate (training's vs the export's tokens and greedy answers)."),
 ) -> None:
-    """Merge LoRA into the base weights and save a plain Hugging Face model (safetensors, tokenizer, template, generation config)."""
-    cfg, trained = inference_config(config, args, model, adapter=adapter, export_dir=export_dir, export_size=export_size)
+    """Merge LoRA into the base weights and save a plain Hugging Face model (safetensors, tokenizer, template, generation config),
+    and with --format gguf a GGUF and an Ollama Modelfile beside it; checked by the parity gate (docs/gguf.md)."""
+    cfg, trained = inference_config(config, args, model, adapter=adapter, export_dir=export_dir, export_size=export_size,
+                                    export_format=export_format, export_quant=export_quant)
     if not cfg.export_dir:
         raise SftlabError("no export_dir: set it in the config or pass --export-dir")
     from sftlab.export.merge import export_model
 
     result = export_model(trained, Path(cfg.export_dir), shard_gb=cfg.export_size, on_progress=logging.getLogger("sftlab").info,
-                          trust_remote_code=cfg.trust_remote_code)
+                          trust_remote_code=cfg.trust_remote_code, export_format=cfg.export_format, quant=cfg.export_quant,
+                          verify=not no_verify)
     for line in result.lines():
         typer.echo(line)

@@ -5,7 +5,14 @@ chat template training used:
 
 * merge check (adapters): the merged fp32 model's logits match the adapter model's;
 * write check (always): the written directory, reloaded with plain transformers, reproduces the logits of
-  the model it was written from (after rounding to the export dtype).
+  the model it was written from (after rounding to the export dtype);
+* parity gate (unless ``verify=False``, ``export.parity``): training's, the export's, the server's and the GGUF's
+  token ids agree, and the export and the GGUF answer greedily as the reference model does.
+
+``export_format="gguf"`` writes, beside the Hugging Face files, ``model-<quant>.gguf`` (``export.gguf``) and an
+Ollama ``Modelfile`` (``export.modelfile``): one merge, one directory holding every form of the model and the
+``export.json`` that records how each was checked (Unsloth's ``save_pretrained_gguf`` leaves the merged model beside
+the GGUF the same way, and llama.cpp's own converter can still make other quantizations from the HF files).
 
 Everything is written to a temporary directory beside ``export_dir`` and renamed into place only when both
 checks pass, so a failed or interrupted export never leaves a directory that looks like a valid model.
@@ -29,6 +36,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from sftlab import __version__
 from sftlab.data.render import end_of_turn_token, render
 from sftlab.errors import SftlabError
+from sftlab.export import parity
+from sftlab.export.gguf import check_gguf_request, gguf_name, write_gguf
+from sftlab.export.modelfile import modelfile
 from sftlab.files import fsync_tree, replace_dir
 from sftlab.model.load import ADAPTER_CONFIG, Trained, inference_tokenizer, load_for_inference, untie_diverged
 from sftlab.model.quantize import quant_method
@@ -87,6 +97,11 @@ class ExportResult:
     source: str
     n_conversations: int
     quantized_drift: float | None = None
+    gguf_file: Path | None = None
+    gguf_bytes: int = 0
+    quant: str | None = None
+    parity: dict | None = None
+    warnings: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         what = f"merged {self.source}" if self.merged else f"re-saved {self.source} (no adapter: nothing to merge)"
@@ -106,7 +121,25 @@ class ExportResult:
         if self.quantized_drift is not None:
             out.append(f"the model as trained, on the quantized base, differs from this full-precision merge by up to "
                        f"{self.quantized_drift:.2e} (QLoRA merge drift: the base's quantization error, not a merge error)")
+        if self.gguf_file is not None:
+            out.append(f"wrote {self.gguf_file.name} ({self.quant}, {_size(self.gguf_bytes)}) and Modelfile: "
+                       f"ollama create NAME -f {self.export_dir / 'Modelfile'}")
+        out.extend(parity_lines(self.parity))
+        out.extend(f"warning: {w}" for w in self.warnings)
         return out
+
+
+def parity_lines(record: dict | None) -> list[str]:
+    """The parity gate's results, one line per check (a warning when it was skipped)."""
+    if record is None:
+        return ["warning: --no-verify: the parity gate was skipped; the export's tokens and answers were not compared with training's"]
+    tokens = record["tokens"]
+    out = [f"parity: token ids identical across {', '.join(tokens['sources'])} on {tokens['conversations']} conversations"]
+    for name, r in record["generation"].items():
+        ties = f", {len(r['near_ties'])} near ties" if r["near_ties"] else ""
+        out.append(f"parity: {name}: first {r['tokens']} greedy tokens identical on {r['identical_greedy']}/{r['conversations']} "
+                   f"conversations{ties}; logits within {r['max_rel_logit_diff']:.1e} of the reference (bound {r['bound']:.0e})")
+    return out
 
 
 def _size(n: int) -> str:
@@ -115,16 +148,20 @@ def _size(n: int) -> str:
 
 def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, verify_samples: int = 4,
                  dtype: torch.dtype | str | None = None, on_progress: Callable[[str], None] | None = None, *,
-                 rtol: float = RTOL, trust_remote_code: bool = False) -> ExportResult:
+                 rtol: float = RTOL, trust_remote_code: bool = False, export_format: str = "hf", quant: str = "q8_0",
+                 verify: bool = True) -> ExportResult:
     """Merge ``trained``'s adapter into its base (or re-save a full model) as ``export_dir``, checked and atomic.
 
     ``dtype``: of the written weights; None keeps the base model's (its config.json dtype, else float32). Merging
     and the checks run in fp32 on CPU. ``shard_gb``: largest safetensors shard, in GB (10^9 bytes). An existing
     ``export_dir`` that holds a previous export is replaced, only once the new one has passed its checks.
 
+    ``export_format``: "hf", or "gguf" (the HF files plus ``model-<quant>.gguf`` and a ``Modelfile``); ``quant``: the
+    GGUF's type (``gguf.QUANTS``). ``verify``: run the parity gate (``parity``).
+
     Raises SftlabError, before loading any weights, for a quantized base model, a non-LoRA adapter, an
-    ``export_dir`` that is (or contains) an input or is a non-empty directory that is not an export, and bad
-    arguments; and, with nothing written, when a check fails.
+    ``export_dir`` that is (or contains) an input or is a non-empty directory that is not an export, a GGUF the
+    writer cannot make, and bad arguments; and, with nothing written, when a check fails.
     """
     say = on_progress or (lambda _msg: None)
     as_trained = trained
@@ -134,6 +171,11 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
         trained = replace(trained, quantization=None)
     export_dir = Path(export_dir).expanduser()
     out_dtype = _check_request(trained, export_dir, shard_gb, verify_samples, dtype)
+    if export_format not in ("hf", "gguf"):
+        raise SftlabError(f"export_format: {export_format!r} — use hf (safetensors) or gguf (safetensors + GGUF + Modelfile)")
+    if export_format == "gguf":
+        check_gguf_request(json.loads((trained.model_dir / "config.json").read_text(encoding="utf-8")), quant,
+                           inference_tokenizer(trained, trust_remote_code))
     merged = trained.adapter_dir is not None
 
     trained_logits = None
@@ -152,6 +194,11 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
     tolerance = rtol * max(1.0, max(r.abs().max().item() for r in reference))
     adapter_effect = None
     current = reference  # logits of the model in memory, computed in fp32
+    conversations = CONVERSATIONS[:verify_samples]
+    greedy = None
+    if verify:
+        say(f"generating {parity.GEN_TOKENS} greedy tokens per conversation with {trained.describe()} (the parity reference)")
+        greedy = parity.greedy_reference(model, parity.prompts_of(tokenizer, conversations))
     if merged:
         with model.disable_adapter():
             adapter_effect = _max_diff(_logits(model, inputs), reference)
@@ -172,7 +219,16 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
         say(f"writing {_dtype_name(out_dtype)} safetensors shards of at most {shard_gb:g} GB beside {export_dir}")
         model.to(out_dtype)
         model.save_pretrained(tmp, max_shard_size=int(shard_gb * 1e9))
-        inference_tokenizer(trained, trust_remote_code).save_pretrained(tmp)
+        saved_tokenizer = inference_tokenizer(trained, trust_remote_code)
+        saved_tokenizer.save_pretrained(tmp)
+        warnings: list[str] = []
+        gguf_path = tmp / gguf_name(quant) if export_format == "gguf" else None
+        if gguf_path is not None:  # from the weights just written, in the export's dtype
+            say(f"writing {gguf_path.name}")
+            warnings += write_gguf(model, saved_tokenizer, tmp, gguf_path, quant, export_dir.name)
+            text, more, _ = modelfile(gguf_path.name, saved_tokenizer)
+            (tmp / "Modelfile").write_text(text, encoding="utf-8")
+            warnings += more
         if out_dtype != torch.float32:  # what was written, in fp32 like the reference (the cast back up is exact)
             model.float()
             current = _logits(model, inputs)
@@ -185,13 +241,23 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
         say("reloading the written export with plain transformers to check it")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
         exported = _logits(reloaded, inputs)
-        del reloaded
         write_diff = _max_diff(exported, current)
         if not write_diff <= tolerance:
             raise SftlabError(
                 f"the written export does not reproduce the model it was written from (logits differ by up to {write_diff:.2e}, "
                 f"tolerance {tolerance:.1e}); nothing was written — use the model{' with --adapter' if merged else ''} as it is")
+        record_parity = None
+        if greedy is not None:
+            say("parity gate: token ids and greedy answers of the export")
+            record_parity = {"generation": {"export": parity.compare_generations(reloaded, greedy, parity.BOUNDS[_dtype_name(out_dtype)],
+                                                                                   "the exported model", tokenizer)}}
+        del reloaded
         max_abs_diff = _max_diff(exported, reference)
+        if record_parity is not None:
+            record_parity = _parity_gate(tmp, tokenizer, gguf_path, quant, greedy, conversations, record_parity, say)
+        if gguf_path is not None and adapter_effect is not None and adapter_effect / (tolerance / rtol if rtol else 1.0) <= parity.BOUNDS[quant]:
+            warnings.append(f"the adapter moves the logits less than the {quant} bound of the parity gate, so the GGUF's check alone "
+                            "could not tell it from the base model (the merge check above does)")
 
         shards = sorted(tmp.glob("*.safetensors"))
         record = {
@@ -207,11 +273,15 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
             "quantized_drift": quantized_drift,
             "verified_on": len(inputs),
             "shards": len(shards),
+            "format": export_format,
+            "gguf": None if gguf_path is None else {"file": gguf_path.name, "quant": quant, "bytes": gguf_path.stat().st_size},
+            "parity": record_parity,
+            "warnings": warnings,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sftlab_version": __version__,
         }
         (tmp / EXPORT_JSON).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file() and p != gguf_path)  # the HF files
         say(f"moving the export into place at {export_dir}")
         fsync_tree(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -219,7 +289,27 @@ def export_model(trained: Trained, export_dir: Path, shard_gb: float = 5.0, veri
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(export_dir, len(shards), size, max_abs_diff, merged, _dtype_name(out_dtype), tolerance,
-                        adapter_effect, trained.describe(), len(inputs), quantized_drift)
+                        adapter_effect, trained.describe(), len(inputs), quantized_drift,
+                        None if gguf_path is None else export_dir / gguf_path.name, record["gguf"]["bytes"] if gguf_path else 0,
+                        quant if gguf_path else None, record_parity, tuple(warnings))
+
+
+def _parity_gate(tmp: Path, tokenizer: PreTrainedTokenizerBase, gguf_path: Path | None, quant: str, greedy: parity.Reference,
+                 conversations: list, record: dict, say: Callable[[str], None]) -> dict:
+    """Parts (a) and the GGUF's (b) of the parity gate, over the files in ``tmp``; ``record`` holds the export's (b)."""
+    from transformers import AutoTokenizer
+
+    others = {"export": AutoTokenizer.from_pretrained(tmp)}
+    if gguf_path is not None:  # tokens first: cheaper, and a tokenizer that differs makes every other number moot
+        say(f"parity gate: reading {gguf_path.name} back with transformers")
+        others["GGUF"] = parity.read_gguf(gguf_path, "tokenizer")
+    record["tokens"] = parity.check_tokens(tokenizer, others, conversations)
+    if gguf_path is not None:
+        gguf_model = parity.read_gguf(gguf_path)
+        record["generation"]["GGUF"] = parity.compare_generations(gguf_model, greedy, parity.BOUNDS[quant], f"the GGUF ({quant})", tokenizer)
+        del gguf_model
+        gc.collect()
+    return record
 
 
 def _check_request(trained: Trained, export_dir: Path, shard_gb: float, verify_samples: int,

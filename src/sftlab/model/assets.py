@@ -114,7 +114,32 @@ def _check_hub_id(name: str) -> None:
 
 
 def _converted_dir(gguf: Path) -> Path:
-    return cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    """Where ``gguf``'s conversion is cached: named by a hash of the file's bytes, so a file rewritten in place (an export
+    run again after more training: same name, same size) is converted again instead of reusing the old weights."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with open(gguf, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return cache_dir() / "models" / f"{gguf.stem}-{digest.hexdigest()}"
+
+
+def load_gguf(gguf: Path, what: str = "model"):
+    """The model (``what="model"``, fp32) or the tokenizer (``"tokenizer"``) transformers builds from the GGUF file alone.
+
+    It is read from a temporary directory holding nothing but a link to the file: transformers prefers tokenizer files
+    it finds beside a GGUF to the file's own, and loses the file's chat template when it does (an exported GGUF sits
+    beside its Hugging Face tokenizer files). Raises whatever transformers raises for a file it cannot read.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="sftlab-gguf-") as alone:
+        (Path(alone) / gguf.name).symlink_to(gguf.resolve())
+        if what == "tokenizer":
+            return AutoTokenizer.from_pretrained(alone, gguf_file=gguf.name)
+        return AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf.name, dtype=torch.float32).eval()
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -126,14 +151,11 @@ def convert_gguf(gguf: Path) -> Path:
     target = _converted_dir(gguf)
     if (target / "config.json").is_file():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("converting %s to a model directory in %s (once)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = load_gguf(gguf, "tokenizer")
+        model = load_gguf(gguf)
     except Exception as e:  # transformers raises many types for unsupported GGUF files
         raise SftlabError(f"{gguf}: cannot load this GGUF file ({type(e).__name__}: {e}); is the `gguf` package installed?") from e
     # The weights are now plain fp32: drop the flags that would make transformers treat them as quantized.
