@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 HERE = Path(__file__).resolve().parent
 SFTLAB_CACHE = Path(os.environ.get("SFTLAB_CACHE", Path.home() / ".cache" / "sftlab"))
-DEFAULT_MODEL = SFTLAB_CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1-98362432"  # see the docstring
+DEFAULT_MODEL = SFTLAB_CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1-b8951aa641e75aa1"  # see the docstring (the suffix: a hash of the GGUF file)
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy default ignore_index)
 MAX_LEN = 256  # longer samples are left out (sftlab: cutoff_len; no quickstart sample is that long)
 

@@ -333,6 +333,20 @@ def test_serve_refuses_to_listen_off_localhost_without_a_key(wide_dir):
     assert "Traceback" not in r.stderr and time.monotonic() - started < 20
 
 
+def test_serve_without_its_extra_names_what_to_install(wide_dir, monkeypatch):
+    """`pip install sftlab` without [serve]: one line naming the extra, before any model loads."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from sftlab.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    result = CliRunner().invoke(app, ["serve", "--model", str(wide_dir)])
+    assert result.exit_code != 0 and "needs uvicorn: pip install 'sftlab[serve]'" in str(result.exception)
+
+
 @pytest.fixture(scope="module")
 def tool_run(tmp_path_factory, one_thread) -> Path:
     """A tiny Qwen3 (the Qwen3 tokenizer and its tool-calling template) fully trained, 45 steps on one sample, to answer

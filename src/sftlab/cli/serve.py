@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import logging
 from pathlib import Path
@@ -51,6 +52,9 @@ def serve_command(
     _check_limits(port=port, max_batch=max_batch, max_queue=max_queue, context_length=context_length)
     if not _loopback(host) and not api_key:
         raise SftlabError(f"--host {host} is reachable from other machines: give --api-key KEY (or set API_KEY), or serve on 127.0.0.1")
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SftlabError(f"sftlab serve needs {' and '.join(missing)}: pip install 'sftlab[serve]'")
     cfg, trained = inference_config(config, args, model, adapter=adapter, template=template)
     from sftlab.infer.generate import GenerationSettings, load_trained
     from sftlab.serve.app import create_app, run, served_model
