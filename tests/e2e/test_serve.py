@@ -333,6 +333,20 @@ def test_serve_refuses_to_listen_off_localhost_without_a_key(wide_dir):
     assert "Traceback" not in r.stderr and time.monotonic() - started < 20
 
 
+@pytest.mark.parametrize("flags, message", [(["--max-batch", "0"], "--max-batch 0: must be at least 1"),
+                                            (["--max-queue", "0"], "--max-queue 0: must be at least 1"),
+                                            (["--context-length", "4"], "--context-length 4: must be at least 8"),
+                                            (["--port", "70000"], "--port 70000: must be at most 65535")])
+def test_serve_limits_out_of_range_are_one_line_errors(flags, message):
+    """Checked before any model loads: the model named does not even exist."""
+    from typer.testing import CliRunner
+
+    from sftlab.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", "no/such-model", *flags])
+    assert result.exit_code != 0 and str(result.exception) == message
+
+
 def test_serve_without_its_extra_names_what_to_install(wide_dir, monkeypatch):
     """`pip install sftlab` without [serve]: one line naming the extra, before any model loads."""
     import importlib.util
