@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from sftlab.cli.common import resolve
+from sftlab.cli.common import check_port, resolve
 from sftlab.errors import SftlabError
 
 
@@ -31,10 +31,13 @@ def train(
     check_steps(cfg)  # train / predict keys that cannot go together
     for names in data_to_read(cfg):  # the data files exist, dataset_info.json names them: said before the slow imports
         resolve(names, cfg.dataset_dir)
+    if int(os.environ.get("RANK", "0")) == 0 and node_rank == 0:  # output_dir is held by the main process, not the other ranks
+        from sftlab.train.output_dir import check_free, check_output_dir
+
+        check_free(check_output_dir(cfg, config, create=False))  # a folder it may not write, or a run still going: said at once
     from sftlab.train.checkpoint import find_checkpoint
     from sftlab.train.deepspeed import check_deepspeed
     from sftlab.train.launch import launched, run_launcher, torchrun_command
-    from sftlab.train.run import run_training
 
     check_deepspeed(cfg)
     # DeepSpeed and FSDP always run under a launcher (they need the process group, even for one process)
@@ -43,7 +46,9 @@ def train(
         command = torchrun_command(str(config), overrides or [], nproc, nnodes, node_rank, master_addr, master_port)
         logging.getLogger("sftlab").info("launching %d process(es) on this node: %s", nproc, " ".join(command[1:]))
         raise typer.Exit(run_launcher(command))
-    out = run_training(cfg)
+    from sftlab.train.run import run_training  # transformers, peft, …: not in a process that only launches the ranks
+
+    out = run_training(cfg, config)
     if int(os.environ.get("RANK", "0")) == 0:  # once, not per rank
         typer.echo(f"done: {out}")
 
@@ -103,6 +108,7 @@ def webui_command(
     check_bind(host, auth)  # before the slow import of gradio
     if importlib.util.find_spec("gradio") is None:
         raise SftlabError("sftlab webui needs Gradio: pip install 'sftlab[webui]' (scripts/setup.sh installs it)")
+    check_port(host, port)
     launch(host, port, auth)
 
 

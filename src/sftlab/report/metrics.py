@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,8 @@ from sftlab.errors import SftlabError
 
 if TYPE_CHECKING:  # the report and the web UI read metrics without importing torch
     from sftlab.model.flops import FlopCounter
+
+log = logging.getLogger(__name__)
 
 _TB_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
              "tokens_per_s": "train/tokens_per_s", "trained_tokens_per_s": "train/trained_tokens_per_s",
@@ -41,7 +44,11 @@ class MetricsWriter:
     def __init__(self, output_dir: Path, report_to: str, config: dict[str, Any], resume_step: int = 0):
         self.path = output_dir / "metrics.jsonl"
         if resume_step and self.path.is_file():  # drop records past the checkpoint we resume from
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= resume_step]
+            records, torn = _parse(self.path, self.path.read_text(encoding="utf-8", errors="replace"))
+            if torn is not None:  # else the next record would be glued to it
+                log.warning("%s: removed its last line, cut off mid-write when the run stopped (%d characters: %.40r…)",
+                            self.path, len(torn), torn)
+            kept = [line for line, record in records if record["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         elif not resume_step:
             self.path.write_text("", encoding="utf-8")
@@ -136,9 +143,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8", errors="replace")  # a write cut off mid-character is a torn line too
     except OSError as e:
         raise SftlabError(f"cannot read {path}: {e.strerror or e}") from None
+    return [record for _, record in _parse(path, text)[0]]
+
+
+def _parse(path: Path, text: str) -> tuple[list[tuple[str, dict]], str | None]:
+    """(each record's line and the record, a torn last line or None): ``text`` of the metrics.jsonl ``path``. The
+    last line, without its newline, is torn when it is not JSON (a write in progress, or cut off by a kill).
+    SftlabError naming the file and line for any other line that is not a JSON object with an integer step."""
     lines = text.split("\n")  # the last item is "" when the file ends with a newline
     records = []
     for number, line in enumerate(lines, 1):
@@ -147,10 +161,10 @@ def read_metrics(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            if number == len(lines):  # no newline after it: a write in progress
-                break
+            if number == len(lines):  # no newline after it
+                return records, line
             raise SftlabError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); fix or delete that line") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise SftlabError(f"{path} line {number}: not a metrics record (a JSON object with an integer step)")
-        records.append(record)
-    return records
+        records.append((line, record))
+    return records, None

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from sftlab.config import SFTConfig
 from sftlab.errors import SftlabError
 from sftlab.model.loss import TokenLoss
-from sftlab.train.checkpoint import (SHARDED_DIR, SavedState, holds_weights, load_sharded, load_weights, optimizer_state_by_index,
+from sftlab.train.checkpoint import (SHARDED_DIR, SavedState, holds_weights, load_pt, load_sharded, load_weights, optimizer_state_by_index,
                                      param_names)
 from sftlab.train.launch import launched
 
@@ -121,7 +121,7 @@ class Backend:
         if (checkpoint / SHARDED_DIR).is_dir():
             load_sharded(self.unwrap(module), optimizer, checkpoint / SHARDED_DIR)
             return
-        saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+        saved = load_pt(checkpoint, "optimizer.pt")
         optimizer.load_state_dict(optimizer_state_by_index(saved, param_names(self.unwrap(module), optimizer)))
 
     def gathered_weights(self, module: torch.nn.Module) -> dict | None:

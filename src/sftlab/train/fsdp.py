@@ -28,7 +28,7 @@ from sftlab.data.render import IGNORE_INDEX
 from sftlab.errors import SftlabError
 from sftlab.model.loss import TokenLoss, base_model
 from sftlab.train.backend import Backend, per_rank_dir, require_launch
-from sftlab.train.checkpoint import (SHARDED_DIR, SavedState, as_saved, inner_optimizer, is_adapter, optimizer_state_by_name,
+from sftlab.train.checkpoint import (SHARDED_DIR, SavedState, as_saved, inner_optimizer, is_adapter, load_pt, optimizer_state_by_name,
                                      param_names, save_sharded, saved_keys, saved_weights)
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -56,7 +56,7 @@ class FSDP(Backend):
     def load_state(self, checkpoint: Path, module, optimizer) -> None:
         if (checkpoint / SHARDED_DIR).is_dir():
             return super().load_state(checkpoint, module, optimizer)
-        saved = optimizer_state_by_name(torch.load(checkpoint / "optimizer.pt", weights_only=False), param_names(module, optimizer))
+        saved = optimizer_state_by_name(load_pt(checkpoint, "optimizer.pt"), param_names(module, optimizer))
         set_optimizer_state_dict(module, inner_optimizer(optimizer), optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
 
     def gathered_weights(self, module) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from sftlab.errors import SftlabError
 # evaluation on its own. Tokenizing millions of samples takes a while; a dead main process still ends
 # the run, since torchrun stops every rank when one fails.
 WAIT_FOR_MAIN = timedelta(hours=12)
+LAUNCHER_PID = "SFTLAB_LAUNCHER_PID"  # set by ``torchrun`` below for the ranks it starts
 
 
 def launched() -> bool:
@@ -51,6 +52,7 @@ def torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks inherit it: see die_with_launcher
     try:
         run(get_args_parser().parse_args(argv))
     except SignalException as e:  # passed on to the ranks, which checkpointed and said where
@@ -60,6 +62,26 @@ def torchrun(argv: list[str]) -> int:
         print(f"sftlab: rank {rank} failed (exit code {failure.exitcode}); its message is above", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
+
+
+def die_with_launcher() -> None:
+    """In a rank that ``torchrun`` above started: have the kernel SIGKILL this process when that launcher dies, and
+    die now if it already has. torchrun starts each rank in a session of its own, so a SIGKILL of the launch's process
+    group (a scheduler, the OOM killer, a test's timeout) reaches the launcher only, and the ranks would train on,
+    unseen, holding output_dir. Elsewhere (no launcher of ours is the parent; not Linux) it does nothing."""
+    launcher = int(os.environ.get(LAUNCHER_PID, "0"))
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    if os.getppid() == launcher:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() == launcher:
+            return
+    try:  # not its child: a rank whose launcher has ended (then this one goes too), or a process a rank started
+        os.kill(launcher, 0)
+    except ProcessLookupError:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_launcher(command: list[str]) -> int:

@@ -31,14 +31,15 @@ from sftlab.model.flops import FlopCounter, peak_flops
 from sftlab.model.load import load_model, load_tokenizer
 from sftlab.report.metrics import StepMeter, require_reporter
 from sftlab.train.backend import Backend
-from sftlab.train.checkpoint import (Checkpointer, TrainState, find_checkpoint, list_checkpoints, load_checkpoint,
-                                     write_model_dir)
+from sftlab.train.checkpoint import (Checkpointer, TrainState, check_data, data_fingerprint, find_checkpoint, load_checkpoint,
+                                     saving, sweep_leftovers, weights_size, write_model_dir)
 from sftlab.train.deepspeed import DeepSpeed
 from sftlab.train.fsdp import FSDP
-from sftlab.train.launch import WaitGroup
+from sftlab.train.launch import WaitGroup, die_with_launcher
 from sftlab.train.loop import fit
 from sftlab.train.monitor import Monitor
 from sftlab.train.optim import build_optimizer, build_scheduler
+from sftlab.train.output_dir import RunLock, check_output_dir, clear_run, holds_result
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +50,21 @@ class Interrupted(SftlabError):
     exit_code = 130
 
 
-def prepare_output_dir(cfg: SFTConfig, resuming: bool, clean: bool = True) -> Path:
-    """``output_dir``, created; refuses one that holds another run unless resuming or overwriting.
-    ``clean``: remove the checkpoints of an overwritten run (the main process does, the others only check)."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not resuming:
-        stale = list_checkpoints(out)
-        trained = any((out / f).is_file() for f in ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"))
-        logged = (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0
-        if (stale or trained or logged) and not cfg.overwrite_output_dir:
+def prepare_output_dir(cfg: SFTConfig, resuming: bool, clean: bool = True, config: Path | None = None) -> RunLock:
+    """``output_dir``, checked (``check_output_dir``) and created; refuses one that holds another run unless resuming or
+    overwriting. ``clean``: this is the main process, which takes the lock (held until the returned RunLock is released)
+    and removes every file of an overwritten run; the other processes only check. ``config``: the run's config file."""
+    out = check_output_dir(cfg, config)
+    lock = RunLock(out).acquire() if clean else RunLock(out)
+    try:
+        if not resuming and holds_result(out) and not cfg.overwrite_output_dir:
             raise SftlabError(f"output_dir {out} already holds a run; set resume_from_checkpoint: true to continue it or overwrite_output_dir: true to start over")
-        for path in stale if clean else []:  # a later resume must never pick up the previous run's checkpoints
-            shutil.rmtree(path)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+        if clean and cfg.overwrite_output_dir and not resuming:  # nothing of the previous run may pass for this one's
+            clear_run(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def make_backend(cfg: SFTConfig, precision: str) -> Backend:
@@ -75,14 +77,17 @@ def make_backend(cfg: SFTConfig, precision: str) -> Backend:
     return kind.for_run(cfg, precision)
 
 
-def run_training(cfg: SFTConfig) -> Path:
-    """Train per ``cfg``; returns the output directory holding the final model or adapter.
+def run_training(cfg: SFTConfig, config: Path | None = None) -> Path:
+    """Train per ``cfg`` (read from the file ``config``, when given: output_dir may not hold it); returns the output
+    directory holding the final model or adapter.
 
     Runs as one process or as each rank of a torchrun / accelerate launch: every rank trains its share of
     each step; the main process alone prepares the data first (the others then read its cache), writes
     files, logs and evaluates (with sharded weights, every rank evaluates with it).
+    The main process holds output_dir's lock from before anything is written there to the end of the run.
     Raises SftlabError for bad input, Interrupted when stopped by a signal (after checkpointing).
     """
+    die_with_launcher()  # a rank must not outlive a launcher killed with SIGKILL
     check_steps(cfg)  # the CLI checked already; callers of this function (tests, the web UI) get the same errors
     precision = mixed_precision(cfg)
     require_reporter(cfg.report_to)
@@ -91,7 +96,16 @@ def run_training(cfg: SFTConfig) -> Path:
     main = backend.is_main
     ranks = WaitGroup(backend.world_size)
     with ranks.first(main):
-        out = prepare_output_dir(cfg, resuming=checkpoint is not None, clean=main)
+        lock = prepare_output_dir(cfg, resuming=checkpoint is not None, clean=main, config=config)
+    with lock:  # released however the run ends
+        return train_into(Path(cfg.output_dir), cfg, backend, ranks, checkpoint, precision)
+
+
+def train_into(out: Path, cfg: SFTConfig, backend: Backend, ranks: WaitGroup, checkpoint: Path | None, precision: str) -> Path:
+    """The run itself, once output_dir is prepared (and held): data, model, fit, save, evaluate; returns ``out``."""
+    main = backend.is_main
+    if main:
+        sweep_leftovers(out)  # a killed run's temporary directories
     if not main:  # one copy of the log: the main process's
         logging.getLogger("sftlab").setLevel(logging.WARNING)
     # config.yaml records the batch layout this run used, not "auto", and whether it trained (a predict YAML that
@@ -123,9 +137,9 @@ def run_training(cfg: SFTConfig) -> Path:
     total = schedule.total_steps(cfg)
     scheduler = build_scheduler(cfg, optimizer, total)
     effective_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * backend.world_size
-    state = TrainState(effective_batch=effective_batch)
+    state = TrainState(effective_batch=effective_batch, train_samples=len(data.train), data_fingerprint=data_fingerprint(data.train))
     if checkpoint is not None:
-        state = resume(checkpoint, backend, module, optimizer, scheduler, effective_batch)
+        state = resume(checkpoint, backend, module, optimizer, scheduler, state)
     log.info("%d train samples, %s eval samples; %d optimizer steps (%d per epoch), effective batch %d%s",
              len(data.train), len(data.eval) if data.eval is not None else 0, total, schedule.steps_per_epoch, effective_batch,
              f" ({backend.world_size} processes, {backend.accelerator.distributed_type.value})" if backend.world_size > 1 else "")
@@ -155,10 +169,14 @@ def build_schedule(cfg: SFTConfig, data: Data, world_size: int) -> Schedule:
     return schedule
 
 
-def resume(checkpoint: Path, backend: Backend, module, optimizer, scheduler, effective_batch: int) -> TrainState:
-    """The optimizer, scheduler and RNG states of ``checkpoint`` loaded; its TrainState, told this run's batch."""
+def resume(checkpoint: Path, backend: Backend, module, optimizer, scheduler, fresh: TrainState) -> TrainState:
+    """The optimizer, scheduler and RNG states of ``checkpoint`` loaded; its TrainState, told this run's batch and
+    data (``fresh``: this run's TrainState at step 0)."""
     state = load_checkpoint(checkpoint, backend, module, optimizer, scheduler)
     log.info("resumed from %s at step %d", checkpoint, state.step)
+    check_data(state, checkpoint, fresh.train_samples, fresh.data_fingerprint)
+    state.train_samples, state.data_fingerprint = fresh.train_samples, fresh.data_fingerprint
+    effective_batch = fresh.effective_batch
     if state.effective_batch and state.effective_batch != effective_batch:
         log.warning("the checkpoint was trained with an effective batch of %d and this run has %d (per-device batch × "
                     "accumulation × processes): the steps from %d on cover the data with the new batch, so samples of "
@@ -203,7 +221,9 @@ def finish(cfg: SFTConfig, backend: Backend, module, tokenizer, data: Data, stat
         log.info("the final %s is the best one: eval_loss %.4f at step %d (checkpoint-%d), not the last step's %.4f",
                  what, state.best_eval_loss, state.best_step, state.best_step, state.eval_loss)
     if main:
-        publish_final(out, backend.unwrap(module).model, tokenizer, cfg, weights, weights_from=best)
+        last = out / f"checkpoint-{state.step}"
+        with saving(f"the final {what}", out, lambda: weights_size(best or last), out / ".final-staging"):
+            publish_final(out, backend.unwrap(module).model, tokenizer, cfg, weights, weights_from=best)
         log.info("saved the final %s to %s", what, out)
     if cfg.do_eval_baseline:
         evaluate_model(cfg, backend, module, tokenizer, data, baseline=False)

@@ -76,13 +76,17 @@ def alive(pid: int) -> bool:
 def start_job(cfg: SFTConfig, resume: bool = False) -> Job:
     """Start ``sftlab train`` on ``cfg`` in its own session (closing the browser or the UI does not stop it).
 
-    Raises SftlabError when a job for the same output_dir is still running.
+    Raises SftlabError when a job for the same output_dir is still running (started here, or anywhere: its lock is
+    held), or training may not write into output_dir.
     """
+    from sftlab.train.output_dir import check_free, check_output_dir
+
     folder = job_dir(cfg.output_dir)
     if (folder / "job.json").is_file():
         old = Job(**json.loads((folder / "job.json").read_text(encoding="utf-8")))
         if alive(old.pid):
             raise SftlabError(f"a run into {old.output_dir} is still going (pid {old.pid}); stop it first")
+    check_free(check_output_dir(cfg, create=False))  # said on the page, not only in the log of a process that ends at once
     folder.mkdir(parents=True, exist_ok=True)
     config = atomic_write(folder / "config.yaml", dump_config(cfg))
     command = [sys.executable, "-m", "sftlab.cli", "train", str(config)] + (["resume_from_checkpoint=true"] if resume else [])
