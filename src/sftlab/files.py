@@ -41,3 +41,22 @@ def replace_dir(tmp: Path, target: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_outputs(outputs, inputs=(), force: bool = False) -> None:
+    """Raises SftlabError (one line naming the path) before a command writes ``outputs`` (files, or folders it writes
+    into): when one is one of the ``inputs`` (compared resolved, so another spelling or a link is caught; even with
+    ``force``), or when one already exists (a folder: holds anything) and ``force`` is False."""
+    from sftlab.errors import SftlabError
+
+    given = {Path(p).resolve() for p in inputs}
+    for out in map(Path, outputs):
+        if out.resolve() in given:
+            raise SftlabError(f"{out}: is one of the input files; write the output to another path")
+        if force:
+            continue
+        if out.is_dir():
+            if next(out.iterdir(), None) is not None:
+                raise SftlabError(f"{out}: the folder is not empty; choose another with -o, or pass --force to write into it")
+        elif out.exists() or out.is_symlink():
+            raise SftlabError(f"{out}: already exists; write to another path, or pass --force to replace it")

@@ -201,3 +201,24 @@ def test_latency_fit_needs_two_lengths():
         fit_latency([])
     flat = fit_latency([(10, 1.0), (20, 1.0)])  # time that does not grow with length has no tokens/s
     assert flat.tokens_per_s is None and flat.r2 == 1.0
+
+
+# ---------------------------------------------------------------- which samples are evaluated
+
+
+def test_eval_reads_at_most_max_samples_of_each_dataset(tmp_path):
+    """The config's max_samples (LLaMA-Factory's key) limits eval as it limits training; --max-samples wins over it."""
+    import json
+
+    from sftlab.config import load_config
+    from sftlab.evaluate.runs import eval_samples
+
+    files = []
+    for name in ("a", "b"):
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps({"instruction": f"{name}{i}", "output": "x"}) + "\n" for i in range(10)))
+    cfg = load_config(None, [], model_name_or_path="m", dataset=[str(f) for f in files], max_samples=3)
+    samples, _ = eval_samples(cfg, None, validation=False)
+    assert [s.row["instruction"] for s in samples] == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    samples, _ = eval_samples(cfg, None, validation=False, max_samples=1)
+    assert [s.row["instruction"] for s in samples] == ["a0", "b0"]

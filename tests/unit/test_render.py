@@ -207,3 +207,60 @@ def test_template_without_end_of_turn_token_is_warned_about(smol_tokenizer):
     assert any("no end-of-turn special token" in w for w in template_warnings(tok, eot))
     e = encode(tok, SINGLE)  # still exact: the span is the whole rendered turn
     assert e.status == KEPT and tok.decode(trained(e)) == "4\n"
+
+
+# --- a sample far over cutoff_len is settled without tokenizing it (a 10 MB line once took minutes and gigabytes)
+
+HUGE = "lorem ipsum dolor " * 600_000  # 10.8 MB
+
+
+def test_a_huge_sample_is_dropped_without_being_tokenized(smol_tokenizer):
+    import time
+
+    start = time.perf_counter()
+    e = encode(smol_tokenizer, [{"role": "user", "content": HUGE}, {"role": "assistant", "content": "4"}])
+    assert time.perf_counter() - start < 5  # tokenizing it takes tens of seconds and gigabytes
+    assert e.status == TOO_LONG and e.input_ids == [] and "surely over 512 tokens" in e.detail and "cutoff_len 512" in e.detail
+
+
+@pytest.mark.parametrize("name", ["smol", "qwen"])
+def test_a_huge_later_turn_is_dropped_exactly_as_tokenizing_would(name, smol_tokenizer, qwen_tokenizer):
+    tokenizer = {"smol": smol_tokenizer, "qwen": qwen_tokenizer}[name]
+    messages = [*MULTI[:3], {"role": "user", "content": HUGE}, {"role": "assistant", "content": "4"}]
+    e = encode(tokenizer, messages)
+    shorter = encode(tokenizer, messages[:3])
+    assert e.status == TURNS_DROPPED and "1 later assistant turn" in e.detail
+    assert (e.input_ids, e.labels, e.rewritten) == (shorter.input_ids, shorter.labels, shorter.rewritten)
+
+
+def test_a_batch_with_a_huge_row_tokenizes_only_the_others(qwen_tokenizer):
+    from sftlab.config import load_config
+    from sftlab.data.formats import detect_format
+    from sftlab.data.pipeline import encode_options, encode_rows
+    from sftlab.data.render import tokenize_rendered
+
+    options = encode_options(load_config(None, [], model_name_or_path="qwen", dataset="x", cutoff_len=64), qwen_tokenizer)
+    spec = detect_format(["messages"], {"messages": [{"role": "user", "content": "q"}]})
+    rows = [{"messages": MULTI}, {"messages": [{"role": "user", "content": HUGE}, {"role": "assistant", "content": "x"}]},
+            {"messages": SINGLE}]
+    batch = encode_rows(rows, spec, qwen_tokenizer, options)
+    assert batch[1][0].status == TOO_LONG and "surely over 64 tokens" in batch[1][0].detail
+    for k in (0, 2):  # byte-identical to the plain encoding
+        assert [(x.input_ids, x.labels, x.status) for x in batch[k]] == \
+            [(x.input_ids, x.labels, x.status) for x in encode_rows([rows[k]], spec, qwen_tokenizer, options)[0]]
+    text, ids, offsets = tokenize_rendered(qwen_tokenizer, ["short", HUGE], cutoff_len=64)[1]
+    assert text is HUGE and ids is None and offsets is None
+
+
+@pytest.mark.parametrize("name", ["smol", "qwen", "llama3"])
+def test_the_characters_per_token_bound_holds_on_texts_that_tokenize_densest(name, smol_tokenizer, qwen_tokenizer, llama3_tokenizer):
+    """Runs of spaces or punctuation make the longest tokens; decomposed Greek/Hangul shrink under NFC (4 and 3 to 1)."""
+    import unicodedata
+
+    from sftlab.data.render import max_chars_per_token
+
+    tokenizer = {"smol": smol_tokenizer, "qwen": qwen_tokenizer, "llama3": llama3_tokenizer}[name]
+    most = max_chars_per_token(tokenizer)
+    assert most is not None
+    for text in (" " * 4000, "=" * 4000, "\n" * 4000, "    " * 1000 + "}", unicodedata.normalize("NFD", "ᾄ각") * 1000):
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) * most >= len(text)

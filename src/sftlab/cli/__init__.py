@@ -72,16 +72,42 @@ def main() -> None:
 
     options = {"debug": False}  # set by _main once the command line is parsed
     try:
-        code = app(standalone_mode=False, obj=options)
+        code = app(standalone_mode=False, obj=options, prog_name="sftlab")  # also under python -m sftlab.cli
     except SftlabError as e:
         if options["debug"]:
             raise
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):  # a second Ctrl-C while a checkpoint was pending
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):  # a second Ctrl-C while a checkpoint was pending
         typer.secho("error: interrupted", fg="red", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except (typer.TyperException, click.ClickException) as e:  # typer >= 0.22 raises its own vendored click's errors
+        if getattr(e, "ctx", None) is not None and type(e).__name__ == "NoArgsIsHelpError":  # `sftlab`, `sftlab data`
+            typer.echo(e.ctx.get_help())
+            sys.exit(0)
+        if options["debug"]:
+            raise
+        typer.secho(f"error: {usage_error(e, sys.argv[1:])}", fg="red", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code or 0)
+
+
+def usage_error(e: Exception, argv: list[str]) -> str:
+    """A command-line mistake as one line: click's message (with its "did you mean"), where to read the usage, and, for
+    ``--key=value`` after a verb that takes ``key=value`` overrides, how an override is written."""
+    message = " ".join(e.format_message().split())  # one line
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(e, "ctx", None)
+    option = getattr(e, "option_name", None)
+    if option and ctx is not None and any(getattr(p, "nargs", 1) == -1 for p in ctx.command.params):
+        from sftlab.config import SFTConfig
+
+        key = option.lstrip("-").replace("-", "_")
+        if key in SFTConfig.model_fields:  # click's "possible options" would point away from the fix
+            at = next((i for i, a in enumerate(argv) if a == option or a.startswith(option + "=")), None)
+            value = argv[at].partition("=")[2] if at is not None else ""
+            if not value and at is not None and at + 1 < len(argv) and not argv[at + 1].startswith("-"):
+                value = argv[at + 1]
+            return f"no such option: {option}; config overrides are written without dashes: {key}={value or 'VALUE'}"
+    message = message.rstrip(".")
+    return f"{message} (see: {ctx.command_path} --help)" if ctx is not None else message

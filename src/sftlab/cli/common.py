@@ -73,3 +73,31 @@ def inference_config(config: Optional[Path], args: Optional[list[str]], model: O
     if model is not None or adapter is not None:
         return cfg, locate_trained(model or cfg.model_name_or_path, adapter, template or cfg.template)
     return cfg, trained_from_config(cfg)
+
+
+def check_port(host: str, port: int) -> None:
+    """Raises SftlabError (one line naming --host/--port) when this process could not listen on ``host``:``port``:
+    a port out of range, in use, or not allowed. Checked by binding it, before a server's slow imports."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise SftlabError(f"--port {port}: must be from 1 to 65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise SftlabError(f"--host {host}: not an address ({e.strerror}); use 127.0.0.1 (this machine) or 0.0.0.0 (every interface)") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a port in TIME_WAIT is free
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise SftlabError(f"--port {port}: {host}:{port} is already in use (another server?); stop it or choose "
+                                  f"another port, e.g. --port {port + 1 if port < 65535 else 8000}") from None
+            if e.errno == errno.EACCES:
+                raise SftlabError(f"--port {port}: not allowed to listen on {host}:{port} (ports below 1024 need root); "
+                                  "choose a port above 1023 with --port") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise SftlabError(f"--host {host}: not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
+            raise SftlabError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose another --port") from None

@@ -11,6 +11,7 @@ import typer
 
 from sftlab.cli.common import DATA_DIR_HELP, byte_progress, resolve
 from sftlab.errors import SftlabError
+from sftlab.files import check_outputs
 
 
 def data_preview(
@@ -114,6 +115,7 @@ def data_stats(
     dataset_dir: Optional[str] = typer.Option(None, "--dataset-dir", help=DATA_DIR_HELP),
     output: Path = typer.Option(Path("data_stats"), "-o", "--output", help="Folder for stats.html, its plots (PNG) and stats.json."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Encoding processes (default: the config's preprocessing_num_workers, else 1)."),
+    force: bool = typer.Option(False, "--force", help="Write into the output folder even if it is not empty (replacing a previous report)."),
 ) -> None:
     """Token lengths with the model's own template, the cutoff_len that covers them, turns, language mix, diversity; HTML report."""
     from sftlab.config import load_config
@@ -130,6 +132,9 @@ def data_stats(
         raise SftlabError("give the data and the model (sftlab data stats data.jsonl --model MODEL) or a training config "
                           "(sftlab data stats --config train.yaml)")
     sources = resolve(cfg.dataset, cfg.dataset_dir)
+    inputs = [f for s in sources for f in s.files]
+    check_outputs([output / "stats.json"], inputs, force=True)  # the one name a data file could have
+    check_outputs([output], inputs, force)  # before the tokenizer loads and the data is measured
     from sftlab.data.stats import stats_for_config
     from sftlab.model.assets import resolve_model
     from sftlab.model.load import load_tokenizer
@@ -173,6 +178,7 @@ def data_dedup(
     exact_only: bool = typer.Option(False, "--exact-only", help="Remove exact duplicates (after normalising) only."),
     conflict_threshold: float = typer.Option(0.9, "--conflict-threshold", help="Conflicting answers: also list prompts this similar (1: identical prompts only)."),
     dataset_dir: str = typer.Option("data", "--dataset-dir", help=DATA_DIR_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace the output files (and the report) if they exist."),
 ) -> None:
     """Remove exact and near duplicates (keeping the first); list same or near-same prompts with conflicting answers; HTML report."""
     from sftlab.data.dedup import dedup
@@ -180,7 +186,8 @@ def data_dedup(
 
     sources = resolve(data, dataset_dir)
     with byte_progress(sources, "Deduplicating") as on_bytes:
-        result = dedup(sources, out, threshold=threshold, near=not exact_only, on_bytes=on_bytes, conflict_threshold=conflict_threshold)
+        result = dedup(sources, out, threshold=threshold, near=not exact_only, on_bytes=on_bytes, conflict_threshold=conflict_threshold,
+                       force=force)
     report = write_dedup_report(result)[-1]
     for line in result.lines():
         typer.echo(line)
@@ -195,13 +202,14 @@ def data_split(
     seed: int = typer.Option(42, "--seed", help="The same seed and data give the same split."),
     threshold: float = typer.Option(0.8, "--threshold", help="Near duplicates (kept in one split): similarity at least this."),
     dataset_dir: str = typer.Option("data", "--dataset-dir", help=DATA_DIR_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace train/val/test.jsonl and their dataset_info.json entries if they exist (other entries are kept)."),
 ) -> None:
     """Seeded train/val/test split that keeps near duplicates and same-prompt samples in one split (no leakage)."""
     from sftlab.data.split import split
 
     sources = resolve(data, dataset_dir)
     with byte_progress(sources, "Splitting") as on_bytes:
-        result = split(sources, out_dir, val=val, test=test, seed=seed, threshold=threshold, on_bytes=on_bytes)
+        result = split(sources, out_dir, val=val, test=test, seed=seed, threshold=threshold, on_bytes=on_bytes, force=force)
     for line in result.lines():
         typer.echo(line)
 
@@ -211,13 +219,14 @@ def data_convert(
     out: Path = typer.Argument(..., help="Output .jsonl (or .json for one JSON array)."),
     to: str = typer.Option(..., "--to", help="Target format: messages (OpenAI), sharegpt or alpaca."),
     dataset_dir: str = typer.Option("data", "--dataset-dir", help=DATA_DIR_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Rewrite a dataset in another format; says what the target format could not hold."""
     from sftlab.data.convert import convert
 
     sources = resolve([data], dataset_dir)
     with byte_progress(sources, "Converting") as on_bytes:
-        result = convert(sources, out, to, on_bytes)
+        result = convert(sources, out, to, on_bytes, force)
     for line in result.lines():
         typer.echo(line)
     typer.echo(f"wrote {out}")
@@ -229,12 +238,15 @@ def data_sample(
     seed: int = typer.Option(42, "--seed", help="The same seed gives the same sample."),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write the sampled rows, unchanged, to this .jsonl."),
     dataset_dir: str = typer.Option("data", "--dataset-dir", help=DATA_DIR_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace the -o file if it exists."),
 ) -> None:
     """A seeded random sample for human review, each sample shown turn by turn with where it came from."""
     from sftlab.data.convert import sample_rows
     from sftlab.data.rows import write_jsonl
 
     sources = resolve(data, dataset_dir)
+    if out is not None:
+        check_outputs([out], [f for s in sources for f in s.files], force)
     with byte_progress(sources, "Sampling") as on_bytes:
         rows = sample_rows(sources, n, seed, on_bytes)
     _print_samples(rows)

@@ -24,7 +24,7 @@ def eval_command(
     generate_: Optional[bool] = typer.Option(None, "--generate/--no-generate", help="Generate answers and score them (default: the config's predict_with_generate)."),
     scorers: Optional[list[str]] = typer.Option(None, "--scorer", help="Extra task scorer: json_valid, json_fields, regex:PATTERN, module:function (repeatable)."),
     baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base model and compare before → after."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate at most this many samples of each dataset."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate at most this many samples of each dataset (default: the config's max_samples)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Samples per batch (default: per_device_eval_batch_size)."),
     latency: bool = typer.Option(False, "--latency", help="Also measure first-token time and per-token time (time = k·x + b)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for eval_results.json and generated_predictions.jsonl (default: OUTPUT_DIR/eval, or eval_results)."),
@@ -81,7 +81,7 @@ def predict_command(
     adapter: Optional[str] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
     template: Optional[str] = typer.Option(None, "--template", help=TEMPLATE_HELP),
     dataset_dir: Optional[str] = typer.Option(None, "--dataset-dir", help=DATA_DIR_HELP),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Answer at most this many samples of each dataset."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Answer at most this many samples of each dataset (default: the config's max_samples)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Samples per batch (default: per_device_eval_batch_size)."),
 ) -> None:
     """Generate an answer for every sample of a dataset (batched, with the trained template), into a JSONL file."""
@@ -91,7 +91,7 @@ def predict_command(
 
     cfg, trained = inference_config(config, args, model, dataset=dataset, dataset_dir=dataset_dir,
                                     per_device_eval_batch_size=batch_size, adapter=adapter, template=template)
-    asked, skipped = questions(samples_from_datasets(cfg.dataset, cfg.dataset_dir, max_samples), cfg.default_system)
+    asked, skipped = questions(samples_from_datasets(cfg.dataset, cfg.dataset_dir, max_samples or cfg.max_samples), cfg.default_system)
     for ref, reason in skipped[:3]:
         typer.secho(f"{ref}: skipped ({reason})", fg="yellow", err=True)
     model_obj, tokenizer = load_trained(trained, cfg.trust_remote_code)

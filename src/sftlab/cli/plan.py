@@ -88,18 +88,23 @@ def suggest_command(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the config here (default: print it)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Encoding processes for the data statistics."),
     as_json: bool = typer.Option(False, "--json", help="The config, the reasons and the estimate as one JSON object."),
+    force: bool = typer.Option(False, "--force", help="Replace the -o file if it exists."),
 ) -> None:
     """A full training config from the data's statistics and the model's size, with a reason for every choice."""
     from sftlab.config import load_config
-    from sftlab.files import atomic_write
+    from sftlab.files import atomic_write, check_outputs
+
+    base = load_config(None, [], model_name_or_path=model, dataset=data, template=template, dataset_dir=dataset_dir)
+    sources = resolve(base.dataset, base.dataset_dir)
+    if output is not None:
+        check_outputs([output], [f for s in sources for f in s.files], force)  # before torch imports and the model is read
     from sftlab.plan.estimate import load_model_config, make_target, model_shape
     from sftlab.plan.suggest import measure, suggest
 
-    base = load_config(None, [], model_name_or_path=model, dataset=data, template=template, dataset_dir=dataset_dir)
     target = make_target(device, gpus, gpu_memory)
     config, _ = load_model_config(model)
     shape = model_shape(config, model)
-    with byte_progress(resolve(base.dataset, base.dataset_dir), "Measuring") as on_bytes:
+    with byte_progress(sources, "Measuring") as on_bytes:
         stats = measure(base, workers, on_bytes)
     result = suggest(stats, shape, base, target)
     if as_json:

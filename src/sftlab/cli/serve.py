@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from sftlab.cli.common import ADAPTER_HELP, MODEL_HELP, TEMPLATE_HELP, inference_config
+from sftlab.cli.common import ADAPTER_HELP, MODEL_HELP, TEMPLATE_HELP, check_port, inference_config
 from sftlab.errors import SftlabError
 
 
@@ -55,6 +55,7 @@ def serve_command(
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise SftlabError(f"sftlab serve needs {' and '.join(missing)}: pip install 'sftlab[serve]'")
+    check_port(host, port)  # before the model loads
     cfg, trained = inference_config(config, args, model, adapter=adapter, template=template)
     from sftlab.infer.generate import GenerationSettings, load_trained
     from sftlab.serve.app import create_app, run, served_model

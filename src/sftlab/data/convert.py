@@ -20,6 +20,7 @@ from sftlab.data.formats import Message, RowError, to_tools
 from sftlab.data.rows import RawRow, conversation, iter_rows, row_spec
 from sftlab.data.sources import Source
 from sftlab.errors import SftlabError
+from sftlab.files import check_outputs
 
 TARGETS = ("messages", "sharegpt", "alpaca")
 _NAMED = 3  # samples named per problem
@@ -124,52 +125,57 @@ def _rows(sources: list[Source], on_bytes: Callable[[int], None] | None) -> Iter
             yield row, spec
 
 
-def convert(sources: list[Source], out: Path, to: str, on_bytes: Callable[[int], None] | None = None) -> ConvertResult:
+def convert(sources: list[Source], out: Path, to: str, on_bytes: Callable[[int], None] | None = None,
+            force: bool = False) -> ConvertResult:
     """Write every convertible row of ``sources`` to ``out`` (JSONL; a JSON array if it ends in .json).
 
     Rows that cannot be read or converted are skipped and counted (run ``sftlab data check`` for
-    the details). The file appears only when complete. Raises SftlabError for a bad target.
+    the details). The file appears only when complete. Raises SftlabError for a bad target, an ``out`` that is
+    an input or (unless ``force``) exists already.
     """
     if to not in TARGETS:
         raise SftlabError(f"--to {to}: choose one of {', '.join(TARGETS)}")
     if out.suffix not in (".json", ".jsonl"):
         raise SftlabError(f"{out}: write to a .jsonl (or .json) file")
+    check_outputs([out], [f for s in sources for f in s.files], force)
     result = ConvertResult()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     as_array = out.suffix == ".json"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("[\n" if as_array else "")
-        for row, spec in _rows(sources, on_bytes):
-            result.rows += 1
-            try:
-                messages = conversation(row, spec)
-                tools = to_tools(row.value, spec)
-                if to == "messages":
-                    converted, lost = to_openai(messages, tools), []
-                else:
-                    converted, lost = (to_sharegpt if to == "sharegpt" else to_alpaca)(messages, tools)
-            except Unrepresentable as e:
-                result.skipped[str(e)] += 1
-                result.note(str(e), row.ref)
-                continue
-            except RowError as e:
-                result.skipped[_INVALID] += 1
-                result.note(_INVALID, f"{row.ref} ({e})")
-                continue
-            for what in lost:
-                result.lost[what] += 1
-                result.note(what, row.ref)
-            text = json.dumps(converted, ensure_ascii=False)
-            f.write(("" if result.written == 0 else ",\n") + text if as_array else text + "\n")
-            result.written += 1
-        f.write("\n]\n" if as_array else "")
-        f.flush()
-        os.fsync(f.fileno())
-    if result.written == 0:
-        tmp.unlink()
-        raise SftlabError(f"no sample could be converted to {to}: " + " ".join(result.lines()[1:]).strip())
-    os.replace(tmp, out)
+    try:  # a failure leaves no temporary behind
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("[\n" if as_array else "")
+            for row, spec in _rows(sources, on_bytes):
+                result.rows += 1
+                try:
+                    messages = conversation(row, spec)
+                    tools = to_tools(row.value, spec)
+                    if to == "messages":
+                        converted, lost = to_openai(messages, tools), []
+                    else:
+                        converted, lost = (to_sharegpt if to == "sharegpt" else to_alpaca)(messages, tools)
+                except Unrepresentable as e:
+                    result.skipped[str(e)] += 1
+                    result.note(str(e), row.ref)
+                    continue
+                except RowError as e:
+                    result.skipped[_INVALID] += 1
+                    result.note(_INVALID, f"{row.ref} ({e})")
+                    continue
+                for what in lost:
+                    result.lost[what] += 1
+                    result.note(what, row.ref)
+                text = json.dumps(converted, ensure_ascii=False)
+                f.write(("" if result.written == 0 else ",\n") + text if as_array else text + "\n")
+                result.written += 1
+            f.write("\n]\n" if as_array else "")
+            f.flush()
+            os.fsync(f.fileno())
+        if result.written == 0:
+            raise SftlabError(f"no sample could be converted to {to}: " + " ".join(result.lines()[1:]).strip())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return result
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from sftlab.data import near_dup
 from sftlab.data.sources import Source
 from sftlab.errors import SftlabError
+from sftlab.files import check_outputs
 
 CONFLICT_THRESHOLD = 0.9
 # Near-same prompts differ by a word or two, so in at most this many shingles (a changed word of w characters
@@ -68,11 +69,14 @@ def json_line(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, default=str) + "\n"
 
 
-def not_an_input(path: Path, sources: list[Source]) -> None:
-    """Raises SftlabError when ``path`` is one of the files of ``sources`` (writing it would destroy the input)."""
-    inputs = {f.resolve() for s in sources for f in s.files}
-    if path.resolve() in inputs:
-        raise SftlabError(f"{path}: is one of the input files; write the output to a new file")
+def input_files(sources: list[Source]) -> list[Path]:
+    """Every file of ``sources``: what an output must never be (``files.check_outputs``)."""
+    return [f for s in sources for f in s.files]
+
+
+def dedup_outputs(out: Path) -> list[Path]:
+    """What ``dedup`` and its report write for ``out``: the kept rows, the removed and conflict lists, the page, its plot."""
+    return [out, *(sidecar(out, s) for s in (".removed.jsonl", ".conflicts.jsonl", ".report.html", ".cluster_sizes.png"))]
 
 
 def two_passes(on_bytes: Callable[[int], None] | None) -> Callable[[int], None] | None:
@@ -149,14 +153,15 @@ class DedupResult:
 
 
 def dedup(sources: list[Source], out: Path, threshold: float = 0.8, near: bool = True,
-          on_bytes: Callable[[int], None] | None = None, conflict_threshold: float = CONFLICT_THRESHOLD) -> DedupResult:
+          on_bytes: Callable[[int], None] | None = None, conflict_threshold: float = CONFLICT_THRESHOLD, force: bool = False) -> DedupResult:
     """Write ``out`` (JSONL: the raw rows kept, in input order), ``<stem>.removed.jsonl`` (ref, kind, duplicate_of,
     similarity) and ``<stem>.conflicts.jsonl`` (match "same" or "near", prompt, n_samples, samples: ref, answer, and
     for "near" each sample's prompt and its similarity to the first), all atomically. ``near=False``: exact duplicates
     and same-prompt conflicts only; ``conflict_threshold=1``: no near-same prompt groups. ``on_bytes`` gets the
     progress of both reads, halved.
 
-    Raises SftlabError for a threshold outside (0, 1], an output that is an input, or a row that cannot be read.
+    Raises SftlabError for a threshold outside (0, 1], an output (report included) that is an input or, unless ``force``,
+    exists already, or a row that cannot be read.
     """
     for name, value, usual in (("threshold", threshold, "0.8 is usual, higher removes less"),
                                ("conflict threshold", conflict_threshold, "0.9 is usual; 1 lists identical prompts only")):
@@ -165,8 +170,7 @@ def dedup(sources: list[Source], out: Path, threshold: float = 0.8, near: bool =
     if out.suffix not in (".jsonl", ".json"):
         raise SftlabError(f"{out}: the output is JSON Lines; name it .jsonl")
     removed_path, conflicts_path = sidecar(out, ".removed.jsonl"), sidecar(out, ".conflicts.jsonl")
-    for p in (out, removed_path, conflicts_path):
-        not_an_input(p, sources)
+    check_outputs(dedup_outputs(out), input_files(sources), force)
     progress = two_passes(on_bytes)
     table = near_dup.read(sources, near, progress)
     n = table.n

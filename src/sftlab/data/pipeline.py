@@ -172,7 +172,7 @@ def encode_rows(
             prepared.append((messages, kwargs, render(tokenizer, messages, **kwargs)))
         except (RowError, TemplateError) as e:  # a template that refuses the conversation fails this row alone
             prepared.append(e)
-    rendered = iter(tokenize_rendered(tokenizer, [p[2] for p in prepared if not isinstance(p, Exception)]))
+    rendered = iter(tokenize_rendered(tokenizer, [p[2] for p in prepared if not isinstance(p, Exception)], options.cutoff_len))
     return [p if isinstance(p, Exception) else
             encode_sample(tokenizer, p[0], eot=options.eot, cutoff_len=options.cutoff_len, masking=options.masking,
                           mask_thinking=options.thinking == "mask", template_kwargs=p[1], rendered=next(rendered))

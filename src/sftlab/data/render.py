@@ -14,11 +14,15 @@ from the template itself, no ``{% generation %}`` markers needed:
 
 Char spans become token spans through the offsets of one tokenization of the full text; a span
 boundary inside a token is reported, never rounded. The full text is tokenized with
-``add_special_tokens=False`` because the template writes BOS itself: no doubled BOS.
+``add_special_tokens=False`` because the template writes BOS itself: no doubled BOS. A text so long that it must be
+over ``cutoff_len`` tokens (``surely_over``: more characters than cutoff_len tokens can hold) is not tokenized at all,
+so one huge sample costs no more than rendering it.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -212,15 +216,67 @@ def assistant_char_spans(
     return spans
 
 
-Rendered = tuple[str, list[int], list[tuple[int, int]]]  # text, token ids, character offsets of each token
+# text, token ids, character offsets of each token (ids and offsets None: not tokenized, surely over cutoff_len)
+Rendered = tuple[str, "list[int] | None", "list[tuple[int, int]] | None"]
+
+# Unicode normalization composes at most 4 code points into one (α + U+0313 + U+0301 + U+0345 → ᾄ)
+_MOST_COMPOSED = 4
+# Tokenizer parts that never delete characters (a Split only with a behaviour that keeps what it matches)
+_KEEPS_CHARACTERS = {"NFC", "NFKC", "NFD", "NFKD", "Prepend", "Replace", "Sequence", "ByteLevel", "Metaspace", "Digits",
+                     "Split", "Punctuation"}
 
 
-def tokenize_rendered(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[Rendered]:
-    """Rendered conversations (``render``) tokenized in one call: the fast tokenizer works through a batch on all cores."""
-    if not texts:  # the tokenizer fails on an empty batch
-        return []
-    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
-    return list(zip(texts, enc["input_ids"], enc["offset_mapping"]))
+def tokenize_rendered(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], cutoff_len: int | None = None) -> list[Rendered]:
+    """Rendered conversations (``render``) tokenized in one call: the fast tokenizer works through a batch on all cores.
+    With ``cutoff_len``, a text that ``surely_over`` it is not tokenized (its ids and offsets are None)."""
+    over = [cutoff_len is not None and surely_over(tokenizer, text, cutoff_len) for text in texts]
+    todo = [text for text, skip in zip(texts, over) if not skip]
+    enc = tokenizer(todo, add_special_tokens=False, return_offsets_mapping=True) if todo else {}  # it fails on an empty batch
+    done = iter(zip(enc.get("input_ids", []), enc.get("offset_mapping", [])))
+    return [(text, None, None) if skip else (text, *next(done)) for text, skip in zip(texts, over)]
+
+
+def surely_over(tokenizer: PreTrainedTokenizerBase, text: str, cutoff_len: int) -> bool:
+    """True only when ``text`` tokenizes to more than ``cutoff_len`` tokens for certain, told from its length: it has more
+    characters than ``cutoff_len`` of the tokenizer's longest tokens can cover. False when that cannot be told cheaply."""
+    if len(text) <= cutoff_len * 16:  # no real vocabulary's longest token is this short: not worth looking it up
+        return False
+    most = max_chars_per_token(tokenizer)
+    return most is not None and len(text) > cutoff_len * most
+
+
+@functools.lru_cache(maxsize=4)
+def max_chars_per_token(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The most characters of raw text one token can stand for, or None when no bound is known: a slow or non-BPE
+    tokenizer, one that fuses a run of unknown characters into one token, or one whose normalizer or pre-tokenizer
+    may delete characters. A byte-level token of n bytes covers at most n characters; normalization may compose
+    ``_MOST_COMPOSED`` code points into one first."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        return None
+    model = backend.model
+    if model.unk_token is not None and model.fuse_unk and not model.byte_fallback:
+        return None
+    parts = [json.loads(part.__getstate__()) for part in (backend.normalizer, backend.pre_tokenizer) if part is not None]
+    if not all(_keeps_characters(part) for part in parts):
+        return None
+    return _MOST_COMPOSED * max(map(len, backend.get_vocab(with_added_tokens=True)))
+
+
+def _keeps_characters(part: object) -> bool:
+    """Whether a tokenizer part (its JSON) keeps every character: only known parts, no Split that removes what it
+    matches, no Replace of a longer string by a shorter one."""
+    if isinstance(part, list):
+        return all(_keeps_characters(p) for p in part)
+    if not isinstance(part, dict):
+        return True
+    kind = part.get("type")
+    if kind is not None:
+        if kind not in _KEEPS_CHARACTERS or (kind == "Split" and part.get("behavior") == "Removed"):
+            return False
+        if kind == "Replace" and len(part.get("pattern", {}).get("String") or "xx") > len(part.get("content") or ""):
+            return False
+    return all(_keeps_characters(v) for v in part.values())
 
 
 def _token_index(offsets: list[tuple[int, int]], boundary: int, text_len: int) -> int:
@@ -254,17 +310,23 @@ def encode_conversation(
     answer fits, the sample is TOO_LONG and not trained. ``mask_thinking`` leaves reasoning untrained;
     ``template_kwargs`` go to the template (e.g. ``enable_thinking``). ``rendered``: the conversation already
     rendered and tokenized (``tokenize_rendered``), so that a batch is tokenized in one call.
+
+    A text whose last answer ends ``surely_over`` cutoff_len is not tokenized: its later turns are dropped as above
+    (the shorter conversations are encoded as usual), or it is TOO_LONG, without its token count.
     """
-    text, ids, offsets = rendered or tokenize_rendered(tokenizer, [render(tokenizer, messages, **(template_kwargs or {}))])[0]
+    text, ids, offsets = rendered or tokenize_rendered(tokenizer, [render(tokenizer, messages, **(template_kwargs or {}))], cutoff_len)[0]
     try:
         char_spans = assistant_char_spans(tokenizer, messages, text, eot, mask_thinking, template_kwargs)
-        spans = [(_token_index(offsets, s, len(text)), _token_index(offsets, e, len(text)), ok) for s, e, ok in char_spans]
+        if ids is not None or not char_spans or not surely_over(tokenizer, text[: char_spans[-1][1]], cutoff_len):
+            if ids is None:  # only text after the last answer is that long: tokenize it after all
+                text, ids, offsets = tokenize_rendered(tokenizer, [text])[0]
+            spans = [(_token_index(offsets, s, len(text)), _token_index(offsets, e, len(text)), ok) for s, e, ok in char_spans]
     except SpanError as e:
         return Encoded([], [], NOT_PREFIX_STABLE, str(e))
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
-    if len(ids) > cutoff_len:
-        if spans[-1][1] <= cutoff_len:  # only template text after the last answer (a newline) is over
+    if ids is None or len(ids) > cutoff_len:
+        if ids is not None and spans[-1][1] <= cutoff_len:  # only template text after the last answer (a newline) is over
             ids = ids[: spans[-1][1]]
         else:  # drop whole later turns; re-render, so the new last answer appears as generated
             for k in range(len(assistant_turns) - 2, -1, -1):
@@ -274,7 +336,8 @@ def encode_conversation(
                     dropped = len(assistant_turns) - 1 - k
                     shorter.status, shorter.detail = TURNS_DROPPED, f"{dropped} later assistant turn(s) dropped to fit cutoff_len {cutoff_len}"
                     return shorter
-            return Encoded([], [], TOO_LONG, f"{len(ids)} tokens; the first answer does not fit in cutoff_len {cutoff_len}")
+            size = f"{len(ids)} tokens" if ids is not None else f"{len(text):,} characters, surely over {cutoff_len} tokens"
+            return Encoded([], [], TOO_LONG, f"{size}; the first answer does not fit in cutoff_len {cutoff_len}")
 
     rewritten: tuple[int, ...] = ()
     if masking == "all":

@@ -12,10 +12,11 @@ from typing import Callable
 import numpy as np
 
 from sftlab.data import near_dup
-from sftlab.data.dedup import atomic_files, json_line, not_an_input, two_passes
+from sftlab.data.dedup import atomic_files, input_files, json_line, two_passes
 from sftlab.data.rows import first_value, row_spec
 from sftlab.data.sources import Source, read_dataset_info
 from sftlab.errors import SftlabError
+from sftlab.files import check_outputs
 
 
 # ---------------------------------------------------------------- split
@@ -44,13 +45,14 @@ class SplitResult:
 
 
 def split(sources: list[Source], out_dir: Path, val: float = 0.1, test: float = 0.1, seed: int = 42, threshold: float = 0.8,
-          on_bytes: Callable[[int], None] | None = None) -> SplitResult:
+          on_bytes: Callable[[int], None] | None = None, force: bool = False) -> SplitResult:
     """Write ``out_dir``/train.jsonl, val.jsonl, test.jsonl (raw rows, input order; a split with fraction 0 is not
     written) and register them in ``out_dir``/dataset_info.json as ``<name>_train`` etc., ``<name>`` being the first
     source's file stem. Each near-duplicate cluster and each group of samples with the same prompt goes to one split,
     so nothing leaks; groups are assigned in a random order drawn from ``seed``, and val and test get as close to
     their fractions as whole groups allow (never over). Raises SftlabError for bad fractions, sources of different
-    formats, a requested split left empty, or a row that cannot be read.
+    formats, a requested split left empty, a row that cannot be read, an output that is an input, or (unless ``force``)
+    a split file or a dataset_info.json entry of the same name that exists already (other entries are kept).
     """
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise SftlabError(f"--val {val} --test {test}: each must be in [0, 1) and together below 1")
@@ -64,9 +66,12 @@ def split(sources: list[Source], out_dir: Path, val: float = 0.1, test: float = 
     fractions = {"train": 1 - val - test, "val": val, "test": test}
     files = {k: out_dir / f"{k}.jsonl" for k in SPLITS if fractions[k] > 0}
     info_path = out_dir / "dataset_info.json"
-    for p in [*files.values(), info_path]:
-        not_an_input(p, sources)
+    check_outputs([info_path], input_files(sources), force=True)  # updated, its other entries kept: only never an input
+    check_outputs(files.values(), input_files(sources), force)
     info = _existing_info(info_path)
+    names = {k: f"{name}_{k}" for k in files}
+    if not force and (taken := [n for n in names.values() if n in info]):
+        raise SftlabError(f"{info_path}: already names {', '.join(taken)}; pass --force to replace them, or split into another folder")
 
     progress = two_passes(on_bytes)
     table = near_dup.read(sources, True, progress)
@@ -86,7 +91,6 @@ def split(sources: list[Source], out_dir: Path, val: float = 0.1, test: float = 
                               f"{len(heads):,} groups); use more data or a larger fraction")
     split_of = which[np.searchsorted(heads, root)]
 
-    names = {k: f"{name}_{k}" for k in files}
     spec = specs[0]
     for k in files:
         entry = {"file_name": files[k].name, "formatting": spec.formatting, "columns": spec.columns}

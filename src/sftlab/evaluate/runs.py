@@ -33,13 +33,15 @@ class EvalRun:
 
 def eval_samples(cfg: SFTConfig, trained: Trained, validation: bool, max_samples: int | None = None) -> tuple[list[Sample], list[str]]:
     """(samples, dataset names): the evaluation set training used (``validation``: cfg.eval_dataset, else the split it
-    held out of cfg.dataset, rebuilt with ``trained``'s tokenizer as training split it), else at most ``max_samples``
-    of each of cfg.dataset."""
+    held out of cfg.dataset, rebuilt with ``trained``'s tokenizer as training split it; cfg.max_samples applies as in
+    training, and ``max_samples`` keeps the first that many), else the first ``max_samples`` (default
+    cfg.max_samples) of each of cfg.dataset."""
     if validation:
         data = build_data(cfg, inference_tokenizer(trained, cfg.trust_remote_code))
         split = "" if cfg.eval_dataset else " (validation split)"
-        return samples_from_refs(data.eval_names, cfg.dataset_dir, data.eval_refs), [f"{', '.join(data.eval_names)}{split}"]
-    return samples_from_datasets(cfg.dataset, cfg.dataset_dir, max_samples), list(cfg.dataset)
+        refs = data.eval_refs[:max_samples] if max_samples else data.eval_refs
+        return samples_from_refs(data.eval_names, cfg.dataset_dir, refs), [f"{', '.join(data.eval_names)}{split}"]
+    return samples_from_datasets(cfg.dataset, cfg.dataset_dir, max_samples or cfg.max_samples), list(cfg.dataset)
 
 
 def evaluate_runs(cfg: SFTConfig, trained: Trained, out: Path, *, from_config: bool, validation: bool, baseline: bool = False,
