@@ -18,6 +18,14 @@ import pytest
 
 SMOL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (the README's test command runs a worker per core), each worker and the commands its tests
+    start get their share of the cores, so torch's threads do not fight over them; a value the user set wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
 # Conversations the label tests render with every tokenizer family.
 SINGLE = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
 MULTI = [
@@ -147,9 +155,20 @@ def sftlab_cli(*args, timeout: float = 600, input: str | None = None, **kw) -> s
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+class ServerURL(str):
+    pid: int
+
+
+def rss_mb(pid: int) -> float:
+    """The resident memory of process ``pid`` now, in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 @contextmanager
 def cli_server(*args, api_key: str | None = None):
-    """``sftlab serve ARGS --port P`` in its own process group; yields the base URL once /health answers."""
+    """``sftlab serve ARGS --port P`` in its own process group; yields the base URL (a ``ServerURL``: ``.pid`` is the
+    server's process) once /health answers."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -161,7 +180,8 @@ def cli_server(*args, api_key: str | None = None):
     proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "serve", *map(str, args), "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny matrices: one thread is fastest
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.pid = proc.pid
     try:
         for _ in range(600):
             if proc.poll() is not None:

@@ -197,10 +197,10 @@ class SFTConfig(BaseModel):
     save_steps: int = Field(500, ge=1, description="Write a checkpoint every N steps (and always at the end).")
     save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints (oldest removed first).")
     output_dir: str = Field("saves/run", description="Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
-    overwrite_output_dir: bool = Field(False, description="Allow starting over in an output_dir that already holds a run.")
+    overwrite_output_dir: bool = Field(False, description="Allow starting over in an output_dir that already holds a run: every file of the previous run is removed first (never a folder that is not a run, nor one a run still holds).")
     plot_loss: bool = Field(True, description="At the end of training, write report.html (curves, diagnosis, before/after) and training_loss.png into output_dir, and print the diagnosis.")
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="Also log to TensorBoard (output_dir/runs) or Weights & Biases.")
-    resume_from_checkpoint: str | bool | None = Field(None, description="Continue from a checkpoint directory, or true for the latest in output_dir.")
+    resume_from_checkpoint: str | bool | None = Field(None, description="Continue from a checkpoint directory, or true for the newest in output_dir that verifies against its manifest (damaged ones are skipped, with the reason).")
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -230,7 +230,7 @@ class SFTConfig(BaseModel):
     @field_validator("stage", mode="before")
     @classmethod
     def _stage_here(cls, v: Any) -> Any:
-        if v in _FOREIGN_STAGES:
+        if isinstance(v, str) and v in _FOREIGN_STAGES:
             raise ValueError(f"{v!r} ({_FOREIGN_STAGES[v]}) is LLaMA-Factory training sftlab does not have: sftlab trains stage: sft "
                              "(chat/instruction data) and stage: pt (plain text)")
         return v
@@ -354,12 +354,19 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **values: An
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found; check the path")
+        raw = p.read_bytes()
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = raw.decode("utf-8-sig")  # a BOM, as some Windows editors write, is not part of the YAML
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ConfigError(f"{p}:{line}: not UTF-8 (byte {e.start + 1} of the file); re-save the file as UTF-8") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix that line") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())  # PyYAML's messages span lines
+            raise ConfigError(f"{p}{where}: not valid YAML ({problem}); fix that line") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
         data.update(loaded or {})
@@ -369,6 +376,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **values: An
         data[key], origin[key] = value, f"override {item}"
     data.update(values)
     notes = []
+    for key in data:
+        if not isinstance(key, str):  # YAML allows any key (`? x`, `1: 2`); a setting's is a name
+            raise ConfigError(f"{origin.get(key, source)}: {key!r} is not a key name; write each setting as name: value")
     for key in [k for k in data if k not in SFTConfig.model_fields]:
         foreign = FOREIGN.get(key)
         if foreign is None:
@@ -386,6 +396,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **values: An
         cfg = SFTConfig(**data)
         cfg._notes = notes
         return cfg
+    except (TypeError, ArithmeticError) as e:  # a check meeting a value no type check stopped (an infinite float, …)
+        raise ConfigError(f"{source}: a value is out of range ({e}); check the numbers in the config") from None
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_server, package_dir, sftlab_cli, train_tiny
+from conftest import cli_server, package_dir, rss_mb, sftlab_cli, train_tiny
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -266,6 +266,68 @@ def test_full_queue_answers_429_and_cancelled_streams_free_the_batch(loaded):
         second.close()
         until(lambda h: h["running"] == 0 and h["waiting"] == 0)
         assert c.chat.completions.create(model=NAME, messages=ASK, max_tokens=2).choices[0].finish_reason == "length"
+
+
+SOAK_SECONDS = float(os.environ.get("SFTLAB_SOAK_SECONDS", "2.5"))  # per round; docs/reliability.md has a longer run
+SOAK_ROUNDS = int(os.environ.get("SFTLAB_SOAK_ROUNDS", "3"))
+
+
+def test_soak_of_good_bad_and_abandoned_requests_keeps_serving_in_flat_memory(wide_dir, loaded):
+    """The real `sftlab serve`, 16 clients, SOAK_ROUNDS rounds of SOAK_SECONDS: answers, streams dropped after a chunk,
+    broken JSON, a 1 MB body, a prompt past the context, unknown parameters. Every good request is answered, every
+    bad one is a 4xx OpenAI error (no traceback, no 5xx), the batch drains, the greedy answer is still the same, and
+    the server's memory stops growing once its allocator has warmed up."""
+    import random
+
+    expected = greedy(loaded, ASK)
+    bad = [(b'{"model": ', 400), (json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x" * (1 << 20)}]}).encode(), 400),
+           (json.dumps({"model": NAME, "messages": ASK, "best_of": 2}).encode(), 400), (b"\xff\xfe\x00", 400),
+           (json.dumps({"model": NAME, "messages": "hello"}).encode(), 400), (json.dumps([1, 2]).encode(), 400)]
+    kinds = os.environ.get("SFTLAB_SOAK_KINDS", "answer,answer,drop,bad").split(",")
+    counts = {"answer": 0, "drop": 0, "bad": 0}
+    lock = threading.Lock()
+    problems: list[str] = []
+
+    def one_client(url: str, seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            deadline = time.monotonic() + SOAK_SECONDS
+            while time.monotonic() < deadline:
+                kind = rng.choice(kinds)
+                if kind == "answer":
+                    r = http.post("/v1/chat/completions", json={"model": NAME, "messages": ASK, "max_tokens": rng.randint(1, 12),
+                                                                "temperature": rng.choice([0, 0.8]), "seed": seed})
+                    ok = r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+                elif kind == "drop":  # a client that goes away mid-stream
+                    with http.stream("POST", "/v1/chat/completions", json={"model": NAME, "messages": ASK, "max_tokens": 200,
+                                                                           "stream": True}) as r:
+                        ok = r.status_code == 200 and next(r.iter_lines()).startswith("data:")
+                else:
+                    body, status = rng.choice(bad)
+                    r = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+                    ok = r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+                with lock:
+                    counts[kind] += 1
+                    if not ok:
+                        problems.append(f"{kind}: {r.status_code} {r.text[:200]}")
+
+    with cli_server("--model", wide_dir, "--name", NAME, "--max-batch", 8, "--context-length", CONTEXT) as url:
+        rss = []  # the server's, after each round
+        for round_ in range(SOAK_ROUNDS):
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(one_client, [url] * 16, range(16 * round_, 16 * round_ + 16)))
+            rss.append(rss_mb(url.pid))
+        for _ in range(500):  # the dropped streams' rows leave the batch
+            health = httpx.get(f"{url}/health").json()
+            if health["running"] == 0 and health["waiting"] == 0:
+                break
+            time.sleep(0.02)
+        answer = client(url).chat.completions.create(model=NAME, messages=ASK, max_tokens=12, temperature=0).choices[0].message.content
+    print(f"soak: 16 clients, {SOAK_ROUNDS} × {SOAK_SECONDS:g} s: {counts}; server RSS after each round {[round(r) for r in rss]} MB")
+    assert not problems, problems[:5]
+    assert all(counts[k] for k in kinds) and health["running"] == 0 and health["waiting"] == 0, (counts, health)
+    assert answer == expected
+    assert rss[-1] - rss[1] < 50, rss  # a leak grows with every round
 
 
 def test_request_history_renders_as_training_renders_it(qwen_tokenizer, tmp_path):

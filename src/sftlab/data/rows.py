@@ -191,13 +191,19 @@ def _read_csv(path: Path, on_bytes: Callable[[int], None]) -> Iterator[RawRow]:
 def _read_parquet(path: Path, on_bytes: Callable[[int], None]) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    row_no, per_group = 0, path.stat().st_size / max(1, pf.metadata.num_rows)
-    for batch in pf.iter_batches(batch_size=1024):
-        for value in batch.to_pylist():
-            row_no += 1
-            yield RawRow(f"{path} row {row_no}", 0, value)
-        on_bytes(int(per_group * batch.num_rows))
+    row_no = 0
+    try:
+        pf = pq.ParquetFile(path)
+        per_group = path.stat().st_size / max(1, pf.metadata.num_rows)
+        for batch in pf.iter_batches(batch_size=1024):
+            for value in batch.to_pylist():
+                row_no += 1
+                yield RawRow(f"{path} row {row_no}", 0, value)
+            on_bytes(int(per_group * batch.num_rows))
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # pyarrow's errors for a damaged file derive from these
+        after = f" after row {row_no}" if row_no else ""
+        raise SftlabError(f"{path}: not a readable Parquet file{after} ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                          "write it again from its source") from None
 
 
 _READERS = {".jsonl": _read_lines, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}

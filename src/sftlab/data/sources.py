@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
 from sftlab.config import SFTConfig
 from sftlab.data.formats import FORMATS, FormatSpec, detect_format
@@ -155,6 +156,8 @@ def load_source(source: Source) -> datasets.Dataset:
     for f in source.files:
         if f.stat().st_size == 0:
             raise SftlabError(f"{f}: the file is empty; add samples or remove it from dataset")
+        if loader == "json":
+            _refuse_leading_null(f)
     try:
         ds = datasets.load_dataset(loader, data_files=[str(f) for f in source.files], split="train")
     except Exception as e:  # pyarrow / datasets raise many types; find the offending line ourselves
@@ -163,7 +166,34 @@ def load_source(source: Source) -> datasets.Dataset:
         raise SftlabError(f"{source.files[0]}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if len(ds) == 0:
         raise SftlabError(f"{source.files[0]}: the dataset has no samples; add samples or remove it from dataset")
+    try:
+        ds.data.table.validate(full=True)  # pyarrow's JSON reader keeps bytes that are not UTF-8 in its string columns
+    except pa.ArrowInvalid:
+        for f in source.files:
+            _raise_not_utf8(f)
+        raise SftlabError(f"{source.files[0]}: holds text that is not UTF-8; re-save the file as UTF-8") from None
     return ds
+
+
+def _refuse_leading_null(path: Path) -> None:
+    """SftlabError for a JSON file whose first value is ``null``: pyarrow's JSON reader (26.0) crashes the whole
+    process on one (a segmentation fault, not an exception), so it must never see it."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if text.startswith(b"null") and (len(text) == 4 or not text[4:5].isalnum()):
+        line = head[: len(head) - len(text)].count(b"\n") + 1
+        raise SftlabError(f"{path}:{line}: expected a JSON object (one sample), got null; remove that line")
+
+
+def _raise_not_utf8(path: Path) -> None:
+    """SftlabError naming the first line of ``path`` that is not UTF-8, if one is not."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SftlabError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1} of the line); re-save the file as UTF-8") from None
 
 
 def _raise_parse_error(path: Path) -> None:
