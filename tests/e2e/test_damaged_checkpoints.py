@@ -16,7 +16,7 @@ from conftest import train_tiny, write_config
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
 from sftlab.report.metrics import read_metrics
-from sftlab.train.checkpoint import MANIFEST, find_checkpoint, verify_checkpoint
+from sftlab.train.checkpoint import MANIFEST, find_checkpoint, saving, verify_checkpoint
 
 COMMON = dict(max_steps=6, save_steps=2, per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-3, lora_rank=4,
               cutoff_len=128)
@@ -224,3 +224,21 @@ def test_each_writer_s_refused_write_keeps_its_errno(tiny_model_dir, tmp_path):
         with pytest.raises(RuntimeError) as e:
             torch.save(tensors, disk / "path")  # to a path torch keeps no errno: why checkpoints go through _save_pt
         assert refused_errno(e.value) is None
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path):
+    """metrics.jsonl's writer, as the training monitor calls it, on a tmpfs that is full."""
+    from sftlab.report.metrics import MetricsWriter
+
+    with _small_disk(tmp_path, 64) as disk:
+        writer = MetricsWriter(disk, "none", {})
+        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError):
+                while True:  # fill the disk
+                    os.write(fd, b"x" * 4096)
+        finally:
+            os.close(fd)
+        with pytest.raises(SftlabError) as e, saving("metrics.jsonl", disk):
+            writer.write({"step": 1, "loss": 1.0})
+    assert str(e.value).startswith(f"cannot save metrics.jsonl in {disk}: No space left on device; free space there")

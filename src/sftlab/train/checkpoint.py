@@ -372,7 +372,8 @@ def saving(what: str, directory: Path, needed: Callable[[], int | None] = lambda
             raise
         size = needed()
         need = f"it needs about {size / 1e6:.1f} MB; " if size else ""
-        raise SftlabError(f"cannot save {what} in {directory}: {os.strerror(code)}; {need}{_REFUSED[code]}, then resume with "
+        advice = _REFUSED[code] if size else _REFUSED[code].replace("free that much", "free space")
+        raise SftlabError(f"cannot save {what} in {directory}: {os.strerror(code)}; {need}{advice}, then resume with "
                           "resume_from_checkpoint: true (the checkpoints saved before are intact)") from e
 
 

@@ -13,6 +13,7 @@ from rich.progress import Progress as RichProgress
 
 from sftlab.config import SFTConfig
 from sftlab.report.metrics import MetricsWriter, StepMeter
+from sftlab.train.checkpoint import saving
 
 
 class Progress:
@@ -91,7 +92,8 @@ class Monitor:
 
     def log(self, record: dict) -> None:
         if self.writer is not None:
-            self.writer.write(record)
+            with saving("metrics.jsonl", self.writer.path.parent):  # a full disk here is one line, as for a checkpoint
+                self.writer.write(record)
         self.progress.log(record)
 
     def should_stop(self, step: int) -> bool:

@@ -121,7 +121,8 @@ def train_into(out: Path, cfg: SFTConfig, backend: Backend, ranks: WaitGroup, ch
     for line in data.report.lines()[1:]:  # the problems, each with the first samples named
         log.info(line)
     if main:
-        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        with saving("config.yaml", out):
+            (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     if not cfg.do_train:  # data checked and reported; nothing to train, perhaps something to answer
         if cfg.do_predict:
             if main:  # an unsharded model loaded for inference: the other ranks only wait
