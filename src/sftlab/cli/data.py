@@ -131,8 +131,10 @@ def data_stats(
     else:
         raise SftlabError("give the data and the model (sftlab data stats data.jsonl --model MODEL) or a training config "
                           "(sftlab data stats --config train.yaml)")
+    from sftlab.data.sources import source_files
+
     sources = resolve(cfg.dataset, cfg.dataset_dir)
-    inputs = [f for s in sources for f in s.files]
+    inputs = source_files(sources)
     check_outputs([output / "stats.json"], inputs, force=True)  # the one name a data file could have
     check_outputs([output], inputs, force)  # before the tokenizer loads and the data is measured
     from sftlab.data.stats import stats_for_config
@@ -243,10 +245,11 @@ def data_sample(
     """A seeded random sample for human review, each sample shown turn by turn with where it came from."""
     from sftlab.data.convert import sample_rows
     from sftlab.data.rows import write_jsonl
+    from sftlab.data.sources import source_files
 
     sources = resolve(data, dataset_dir)
     if out is not None:
-        check_outputs([out], [f for s in sources for f in s.files], force)
+        check_outputs([out], source_files(sources), force)
     with byte_progress(sources, "Sampling") as on_bytes:
         rows = sample_rows(sources, n, seed, on_bytes)
     _print_samples(rows)

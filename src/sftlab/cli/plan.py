@@ -92,12 +92,13 @@ def suggest_command(
 ) -> None:
     """A full training config from the data's statistics and the model's size, with a reason for every choice."""
     from sftlab.config import load_config
+    from sftlab.data.sources import source_files
     from sftlab.files import atomic_write, check_outputs
 
     base = load_config(None, [], model_name_or_path=model, dataset=data, template=template, dataset_dir=dataset_dir)
     sources = resolve(base.dataset, base.dataset_dir)
     if output is not None:
-        check_outputs([output], [f for s in sources for f in s.files], force)  # before torch imports and the model is read
+        check_outputs([output], source_files(sources), force)  # before torch imports and the model is read
     from sftlab.plan.estimate import load_model_config, make_target, model_shape
     from sftlab.plan.suggest import measure, suggest
 

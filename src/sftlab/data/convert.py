@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 from sftlab.data.formats import Message, RowError, to_tools
 from sftlab.data.rows import RawRow, conversation, iter_rows, row_spec
-from sftlab.data.sources import Source
+from sftlab.data.sources import Source, source_files
 from sftlab.errors import SftlabError
 from sftlab.files import check_outputs
 
@@ -137,7 +137,7 @@ def convert(sources: list[Source], out: Path, to: str, on_bytes: Callable[[int],
         raise SftlabError(f"--to {to}: choose one of {', '.join(TARGETS)}")
     if out.suffix not in (".json", ".jsonl"):
         raise SftlabError(f"{out}: write to a .jsonl (or .json) file")
-    check_outputs([out], [f for s in sources for f in s.files], force)
+    check_outputs([out], source_files(sources), force)
     result = ConvertResult()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, TextIO
 import numpy as np
 
 from sftlab.data import near_dup
-from sftlab.data.sources import Source
+from sftlab.data.sources import Source, source_files
 from sftlab.errors import SftlabError
 from sftlab.files import check_outputs
 
@@ -67,11 +67,6 @@ def atomic_files(*paths: Path) -> Iterator[list[TextIO]]:
 def json_line(value: object) -> str:
     """``value`` as one JSON Lines line; what JSON cannot hold is written as its str."""
     return json.dumps(value, ensure_ascii=False, default=str) + "\n"
-
-
-def input_files(sources: list[Source]) -> list[Path]:
-    """Every file of ``sources``: what an output must never be (``files.check_outputs``)."""
-    return [f for s in sources for f in s.files]
 
 
 def dedup_outputs(out: Path) -> list[Path]:
@@ -170,7 +165,7 @@ def dedup(sources: list[Source], out: Path, threshold: float = 0.8, near: bool =
     if out.suffix not in (".jsonl", ".json"):
         raise SftlabError(f"{out}: the output is JSON Lines; name it .jsonl")
     removed_path, conflicts_path = sidecar(out, ".removed.jsonl"), sidecar(out, ".conflicts.jsonl")
-    check_outputs(dedup_outputs(out), input_files(sources), force)
+    check_outputs(dedup_outputs(out), source_files(sources), force)
     progress = two_passes(on_bytes)
     table = near_dup.read(sources, near, progress)
     n = table.n

@@ -56,6 +56,11 @@ def resolve_sources(names: list[str], dataset_dir: str) -> list[Source]:
     return sources
 
 
+def source_files(sources: list[Source]) -> list[Path]:
+    """Every file of ``sources``: what a command reading them must never write over (``files.check_outputs``)."""
+    return [f for s in sources for f in s.files]
+
+
 def dataset_names(value: str | list[str] | None) -> list[str]:
     """A dataset key's value (names or paths, comma-separated, or a list) as a list of names."""
     if value is None:

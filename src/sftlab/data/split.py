@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 
 from sftlab.data import near_dup
-from sftlab.data.dedup import atomic_files, input_files, json_line, two_passes
+from sftlab.data.dedup import atomic_files, json_line, two_passes
 from sftlab.data.rows import first_value, row_spec
-from sftlab.data.sources import Source, read_dataset_info
+from sftlab.data.sources import Source, read_dataset_info, source_files
 from sftlab.errors import SftlabError
 from sftlab.files import check_outputs
 
@@ -66,8 +66,8 @@ def split(sources: list[Source], out_dir: Path, val: float = 0.1, test: float = 
     fractions = {"train": 1 - val - test, "val": val, "test": test}
     files = {k: out_dir / f"{k}.jsonl" for k in SPLITS if fractions[k] > 0}
     info_path = out_dir / "dataset_info.json"
-    check_outputs([info_path], input_files(sources), force=True)  # updated, its other entries kept: only never an input
-    check_outputs(files.values(), input_files(sources), force)
+    check_outputs([info_path], source_files(sources), force=True)  # updated, its other entries kept: only never an input
+    check_outputs(files.values(), source_files(sources), force)
     info = _existing_info(info_path)
     names = {k: f"{name}_{k}" for k in files}
     if not force and (taken := [n for n in names.values() if n in info]):
