@@ -59,3 +59,15 @@ def test_a_busy_port_is_one_line_before_anything_loads(tmp_path, verb):
         port = busy.getsockname()[1]
         line = one_error_line(run_cli(*verb, "--port", port, cwd=tmp_path))
     assert f"--port {port}" in line and "already in use" in line and f"--port {port + 1}" in line, line
+
+
+@pytest.mark.parametrize("args, parts", [
+    (["webui", "--port", "70000"], ["--port 70000: must be from 1 to 65535"]),
+    (["webui", "--port", "0"], ["--port 0: must be from 1 to 65535"]),
+    (["serve", "--model", "no-such-model", "--host", "no-such-host.invalid", "--api-key", "k"], ["--host no-such-host.invalid: not an address"]),
+    (["serve", "--model", "no-such-model", "--host", "192.0.2.1", "--api-key", "k"], ["--host 192.0.2.1: not an address of this machine"]),
+], ids=["port-over", "port-zero", "host-unknown", "host-not-here"])
+def test_a_port_or_host_that_cannot_be_listened_on_is_one_line(tmp_path, args, parts):
+    line = one_error_line(run_cli(*args, cwd=tmp_path))
+    for part in parts:
+        assert part in line, f"{part!r} not in {line!r}"
